@@ -1,0 +1,81 @@
+"""Configuration of the VQ-Logits output layer, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["VQLogitsConfig", "MAP_INITS", "CODEBOOK_INITS"]
+
+MAP_INITS = ("random", "contiguous", "frequency", "kmeans")
+CODEBOOK_INITS = ("normal", "kmeans")
+
+
+@dataclass
+class VQLogitsConfig:
+    """Options of VQOutputLayer (the `vq:` section of a model YAML).
+
+    vocab_size: real vocabulary size V (before Megatron's padding to a multiple of the TP size).
+    hidden_size: model width d.
+    codebook_size: number of codes K, 1 <= K <= V.
+    map_init: how tokens are assigned to codes: 'random' (balanced random), 'contiguous' (blocks of
+        token ids), 'frequency' (frequency-balanced; needs token counts), 'kmeans' (k-means of given
+        embedding rows; needs embeddings).
+    codebook_init: 'normal' (N(0, codebook_init_std²)) or 'kmeans' (the k-means centroids; needs
+        map_init='kmeans').
+    codebook_init_std: std of the normal codebook init.
+    per_token_bias: learn a bias b[v] per vocabulary token on top of the code logit.
+    seed: seed of the map and codebook initialisation (identical on every rank).
+    kmeans_iters: Lloyd iterations for k-means initialisation / re-clustering.
+    spherical_kmeans: cluster embeddings by cosine instead of Euclidean distance.
+    label_smoothing: default label smoothing of the training loss (torch semantics, global vocab).
+    z_loss: default weight of the z-loss (z_loss * logsumexp²) added to the training loss.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    codebook_size: int = 1024
+    map_init: str = "random"
+    codebook_init: str = "normal"
+    codebook_init_std: float = 0.02
+    per_token_bias: bool = False
+    seed: int = 1234
+    kmeans_iters: int = 50
+    spherical_kmeans: bool = False
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "codebook_size", "kmeans_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"VQLogitsConfig.{name} must be a positive integer, got {value!r}")
+        if self.codebook_size > self.vocab_size:
+            raise ValueError(f"VQLogitsConfig.codebook_size={self.codebook_size} exceeds "
+                             f"vocab_size={self.vocab_size}: a code must stand for at least one token")
+        if self.map_init not in MAP_INITS:
+            raise ValueError(f"VQLogitsConfig.map_init={self.map_init!r} is not one of {MAP_INITS}")
+        if self.codebook_init not in CODEBOOK_INITS:
+            raise ValueError(f"VQLogitsConfig.codebook_init={self.codebook_init!r} is not one of {CODEBOOK_INITS}")
+        if self.codebook_init == "kmeans" and self.map_init != "kmeans":
+            raise ValueError("VQLogitsConfig.codebook_init='kmeans' uses the k-means centroids, "
+                             "so it needs map_init='kmeans'")
+        if not self.codebook_init_std > 0:
+            raise ValueError(f"VQLogitsConfig.codebook_init_std must be > 0, got {self.codebook_init_std}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"VQLogitsConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.z_loss < 0:
+            raise ValueError(f"VQLogitsConfig.z_loss must be >= 0, got {self.z_loss}")
+
+    @classmethod
+    def from_dict(cls, options: dict, **overrides) -> "VQLogitsConfig":
+        """Build from a YAML mapping; unknown keys are an error, not silently ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown vq option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**{**options, **overrides})
+
+    def output_layer_parameters(self) -> int:
+        """Trainable parameters of the VQ head: K·d (+ V for the per-token bias)."""
+        return self.codebook_size * self.hidden_size + (self.vocab_size if self.per_token_bias else 0)
