@@ -173,6 +173,7 @@ def build_map(
     token_counts: torch.Tensor | None = None,
     embeddings: torch.Tensor | None = None,
     kmeans_iters: int = 50,
+    spherical: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Build a token -> code map with one of :data:`MAP_INIT_STRATEGIES`.
 
@@ -207,4 +208,4 @@ def build_map(
         raise ValueError(
             f"embeddings must have shape [{vocab_size}, d], got {tuple(embeddings.shape)}"
         )
-    return kmeans_map(embeddings, num_codes, seed=seed, iters=kmeans_iters)
+    return kmeans_map(embeddings, num_codes, seed=seed, iters=kmeans_iters, spherical=spherical)

@@ -1,0 +1,1 @@
+"""Glue to megatron-core and DeepSpeed: process groups, CPU shims, model factory."""

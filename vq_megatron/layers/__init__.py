@@ -1,0 +1,3 @@
+from vq_megatron.layers.vq_output_layer import VQOutputLayer
+
+__all__ = ["VQOutputLayer"]

@@ -1,0 +1,63 @@
+"""Communication of the VQ layer, named by what it does to the tensor in both directions.
+
+The differentiable ones delegate to megatron-core's mappings; each returns early when the layer is not
+tensor-parallel (group None or a single rank), so the same code runs in one process without
+torch.distributed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import mappings as mcore
+
+__all__ = [
+    "copy_to_tensor_parallel_region", "gather_from_tensor_parallel_region",
+    "gather_from_sequence_parallel_region", "all_gather_rows", "broadcast_from_first_rank",
+]
+
+
+def _single(group) -> bool:
+    return group is None or dist.get_world_size(group) == 1
+
+
+def copy_to_tensor_parallel_region(input_: torch.Tensor, group) -> torch.Tensor:
+    """forward: identity; backward: all-reduce (sum) over TP — for inputs of vocab-sharded compute."""
+    return input_ if _single(group) else mcore.copy_to_tensor_model_parallel_region(input_, group)
+
+
+def gather_from_tensor_parallel_region(input_: torch.Tensor, group) -> torch.Tensor:
+    """forward: all-gather along the last dim; backward: keep this rank's slice."""
+    return input_ if _single(group) else mcore.gather_from_tensor_model_parallel_region(input_, group)
+
+
+def gather_from_sequence_parallel_region(input_: torch.Tensor, group, *, sharded_consumer: bool) -> torch.Tensor:
+    """forward: all-gather along the sequence (first) dim.
+
+    backward: reduce-scatter when what follows is vocab-sharded (each rank holds a partial gradient),
+    split when what follows is duplicated on every rank (each rank already holds the full gradient).
+    """
+    if _single(group):
+        return input_
+    return mcore.gather_from_sequence_parallel_region(
+        input_, tensor_parallel_output_grad=sharded_consumer, group=group)
+
+
+@torch.no_grad()
+def all_gather_rows(input_: torch.Tensor, group) -> torch.Tensor:
+    """Non-differentiable all-gather along dim 0 (used for the static token→code map)."""
+    if _single(group):
+        return input_
+    out = torch.empty((dist.get_world_size(group) * input_.shape[0], *input_.shape[1:]),
+                      dtype=input_.dtype, device=input_.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, input_.contiguous(), group=group)
+    return out
+
+
+@torch.no_grad()
+def broadcast_from_first_rank(tensor: torch.Tensor, group) -> torch.Tensor:
+    """In place: every TP rank takes TP rank 0's values (replicas must agree bit for bit)."""
+    if not _single(group):
+        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+    return tensor
