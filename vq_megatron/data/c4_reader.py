@@ -212,17 +212,19 @@ class DocumentReader:
         if self.max_docs == 0:
             return
         seen = 0
-        for path in self.files:
-            for text in self._iter_file(path):
-                seen += 1
-                if seen <= self.skip_docs:
-                    continue
-                self.stats.documents += 1
-                yield text
-                if self.max_docs is not None and self.stats.documents >= self.max_docs:
-                    return
-        if self.stats.skipped:
-            logger.warning("skipped %d bad line(s) in total", self.stats.skipped)
+        try:
+            for path in self.files:
+                for text in self._iter_file(path):
+                    seen += 1
+                    if seen <= self.skip_docs:
+                        continue
+                    self.stats.documents += 1
+                    yield text
+                    if self.max_docs is not None and self.stats.documents >= self.max_docs:
+                        return
+        finally:
+            if self.stats.skipped:
+                logger.warning("skipped %d bad line(s) in total", self.stats.skipped)
 
     def _bad(self, path: Path, line: int | None, reason: str) -> None:
         if self.on_error == "stop":

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import secrets
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
@@ -38,6 +39,8 @@ class WriteStats:
     documents: int  # documents written
     tokens: int  # token ids written, one EOD per document included
     skipped: int  # documents that encoded to no tokens (not written)
+    words: int  # whitespace-separated words in the written documents (for word-level perplexity)
+    characters: int  # characters in the written documents
     bin_path: Path
     idx_path: Path
     dtype: str
@@ -57,11 +60,15 @@ def _init_worker(tokenizer: TextTokenizer) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _encode_chunk(texts: Sequence[str], tokenizer: TextTokenizer | None = None) -> list[np.ndarray | None]:
-    """Encode texts to int32 arrays ending in EOD; None for a text with no tokens."""
+_Encoded = tuple[list[np.ndarray | None], int, int]  # arrays, words, characters
+
+
+def _encode_chunk(texts: Sequence[str], tokenizer: TextTokenizer | None = None) -> _Encoded:
+    """Encode texts to int32 arrays ending in EOD (None for a text with no tokens), plus counts."""
     tokenizer = tokenizer or _worker_tokenizer
     vocab_size, eod = tokenizer.vocab_size, tokenizer.eod_id
     encoded: list[np.ndarray | None] = []
+    words = characters = 0
     for text in texts:
         ids = tokenizer.encode(text)
         if not ids:
@@ -71,7 +78,9 @@ def _encode_chunk(texts: Sequence[str], tokenizer: TextTokenizer | None = None) 
         if array.min() < 0 or array.max() >= vocab_size:
             raise ValueError(f"token id out of range [0, {vocab_size}) in document {text[:60]!r}...")
         encoded.append(array)
-    return encoded
+        words += len(text.split())
+        characters += len(text)
+    return encoded, words, characters
 
 
 def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -82,14 +91,17 @@ def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def _encoded_chunks(
     texts: Iterable[str], tokenizer: TextTokenizer, workers: int, chunk_size: int
-) -> Iterator[list[np.ndarray | None]]:
+) -> Iterator[_Encoded]:
     """Yield encoded chunks in input order, using ``workers`` processes when > 1."""
     if workers <= 1:
         for chunk in _chunks(texts, chunk_size):
             yield _encode_chunk(chunk, tokenizer)
         return
-    # Default start method; the tokenizer is pickled once per worker by the initializer.
-    with multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    # Not fork: callers (pytest, a training driver) may run threads, and a forked child can
+    # inherit their locks held. The tokenizer is pickled once per worker by the initializer.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending: deque = deque()
         for chunk in _chunks(texts, chunk_size):
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -140,6 +152,8 @@ def write_indexed_dataset(
         tokenizer: object with ``vocab_size``, ``eod_id`` and ``encode``; it must pickle when workers > 1.
         output_prefix: path prefix of the output files; parent directories are created.
         workers: tokenizer processes; 1 encodes in this process. Output does not depend on it.
+            Workers start with forkserver (or spawn), which imports the caller's main module
+            again: a calling script needs the usual ``if __name__ == "__main__":`` guard.
         chunk_size: documents per task sent to a worker.
         progress: show a tqdm bar with documents and tokens.
         total: number of documents expected, for the progress bar only.
@@ -158,12 +172,18 @@ def write_indexed_dataset(
     dtype = optimal_dtype(tokenizer.vocab_size)
     # Same directory as the result so that the final os.replace is an atomic rename.
     tmp_prefix = str(prefix.parent / f".{prefix.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    documents = tokens = skipped = 0
+    documents = tokens = skipped = words = characters = 0
     builder = None
     try:
         builder = IndexedDatasetBuilder(f"{tmp_prefix}.bin", dtype=dtype)
-        with tqdm(total=total, unit=" docs", disable=not progress, mininterval=1.0, desc=prefix.name) as bar:
-            for encoded in _encoded_chunks(texts, tokenizer, workers, chunk_size):
+        bar = tqdm(total=total, unit=" docs", disable=not progress, mininterval=1.0, desc=prefix.name)
+        with warnings.catch_warnings(), bar:
+            # megatron calls numpy.array(tensor, dtype), which torch answers with one
+            # DeprecationWarning per document.
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            for encoded, chunk_words, chunk_characters in _encoded_chunks(texts, tokenizer, workers, chunk_size):
+                words += chunk_words
+                characters += chunk_characters
                 for array in encoded:
                     if array is None:
                         skipped += 1
@@ -190,6 +210,8 @@ def write_indexed_dataset(
         documents=documents,
         tokens=tokens,
         skipped=skipped,
+        words=words,
+        characters=characters,
         bin_path=Path(f"{prefix}.bin"),
         idx_path=Path(f"{prefix}.idx"),
         dtype=np.dtype(dtype).name,

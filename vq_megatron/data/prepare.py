@@ -9,7 +9,9 @@ Example (bundled C4 slice, train a 1,000-piece SentencePiece BPE on the fly)::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +33,11 @@ class PrepareResult:
     documents: int
     tokens: int
     skipped: int
+    words: int
+    characters: int
     bin_path: Path
     idx_path: Path
+    meta_path: Path
     tokenizer_model: Path | None  # the SentencePiece model used or trained; None for GPT-2
     vocab_size: int
     eod_id: int
@@ -48,6 +53,7 @@ class PrepareResult:
             f"vocab     : {self.vocab_size:,} (eod id {self.eod_id}, dtype {self.dtype})",
             f"output    : {self.bin_path}",
             f"            {self.idx_path}",
+            f"            {self.meta_path}",
         ]
         if self.tokenizer_model is not None:
             lines.append(f"tokenizer : {self.tokenizer_model}")
@@ -123,7 +129,9 @@ def prepare(
 ) -> PrepareResult:
     """Read documents, build or load a tokenizer, and write ``<output_prefix>.bin/.idx``.
 
-    Same options as the CLI (see ``vq-megatron-prepare-data --help``). With
+    Same options as the CLI (see ``vq-megatron-prepare-data --help``). Besides the
+    ``.bin/.idx`` pair it writes ``<output_prefix>.meta.json`` with the counts
+    (documents, tokens, words, characters), tokenizer and input selection. With
     ``train_sp`` the model is written to ``<sp_model_prefix>.model`` (default
     ``<output_prefix>_sp<vocab_size>.model``), trained on the first
     ``sp_train_docs`` of the selected documents.
@@ -145,18 +153,44 @@ def prepare(
     stats = write_indexed_dataset(
         reader, tok, output_prefix, workers=workers, progress=progress, total=max_docs
     )
-    return PrepareResult(
+    result = PrepareResult(
         documents=stats.documents,
         tokens=stats.tokens,
         skipped=reader.stats.skipped + stats.skipped,
+        words=stats.words,
+        characters=stats.characters,
         bin_path=stats.bin_path,
         idx_path=stats.idx_path,
+        meta_path=Path(f"{output_prefix}.meta.json"),
         tokenizer_model=model_path,
         vocab_size=tok.vocab_size,
         eod_id=tok.eod_id,
         dtype=stats.dtype,
         seconds=time.perf_counter() - started,
     )
+    meta = {
+        "documents": result.documents,
+        "tokens": result.tokens,  # EOD included
+        "words": result.words,  # whitespace-separated, no end-of-line token
+        "characters": result.characters,
+        "skipped": result.skipped,
+        "vocab_size": result.vocab_size,
+        "eod_id": result.eod_id,
+        "dtype": result.dtype,
+        "tokenizer": tokenizer,
+        "tokenizer_files": [str(p) for p in ([model_path] if model_path else [gpt2_vocab, gpt2_merges])],
+        "inputs": [str(p) for p in reader.files],
+        "skip_docs": skip_docs,
+        "max_docs": max_docs,
+    }
+    _write_json_atomic(result.meta_path, meta)
+    return result
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _positive_int(text: str) -> int:
@@ -179,7 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vq-megatron-prepare-data",
         description="Tokenize C4 / JSON Lines / text / WikiText files into a Megatron indexed "
         "dataset (<prefix>.bin + <prefix>.idx), one EOD token after each document.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io_group = parser.add_argument_group("input and output")
     io_group.add_argument(
@@ -188,34 +221,37 @@ def build_parser() -> argparse.ArgumentParser:
         "with a 'text' key per line (C4 shards), or *.txt / *.tokens[.gz] with one document per line",
     )
     io_group.add_argument("--output-prefix", required=True, help="write PREFIX.bin and PREFIX.idx")
-    io_group.add_argument("--skip-docs", type=_non_negative_int, default=0,
-                          help="leave out this many leading documents (counted over all inputs)")
-    io_group.add_argument("--max-docs", type=_non_negative_int, default=None,
+    io_group.add_argument("--skip-docs", type=_non_negative_int, metavar="N", default=0,
+                          help="leave out this many leading documents, counted over all inputs (default: 0)")
+    io_group.add_argument("--max-docs", type=_non_negative_int, metavar="N", default=None,
                           help="use at most this many documents after --skip-docs (default: all)")
     io_group.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="stop",
-                          help="on a bad input line: stop with file:line, or skip it with a warning and count it")
+                          help="on a bad input line: stop with file:line, or skip it with a warning and "
+                          "count it (default: stop)")
 
     tok_group = parser.add_argument_group("tokenizer")
     tok_group.add_argument("--tokenizer", choices=("sentencepiece", "gpt2"), default="sentencepiece",
-                           help="tokenizer family")
+                           help="tokenizer family (default: sentencepiece)")
     tok_group.add_argument("--sp-model", metavar="PATH", help="existing SentencePiece .model to use")
     tok_group.add_argument("--train-sp", action="store_true",
                            help="train a SentencePiece model on the selected documents first")
-    tok_group.add_argument("--vocab-size", type=_positive_int, help="vocabulary size for --train-sp")
+    tok_group.add_argument("--vocab-size", type=_positive_int, metavar="N",
+                           help="vocabulary size for --train-sp (required with it)")
     tok_group.add_argument("--sp-type", choices=("bpe", "unigram"), default="bpe",
-                           help="SentencePiece model type for --train-sp")
-    tok_group.add_argument("--sp-train-docs", type=_positive_int, default=100_000,
-                           help="train on the first N selected documents")
+                           help="SentencePiece model type for --train-sp (default: bpe)")
+    tok_group.add_argument("--sp-train-docs", type=_positive_int, metavar="N", default=100_000,
+                           help="--train-sp uses the first N selected documents (default: 100000)")
     tok_group.add_argument("--sp-model-prefix", metavar="PREFIX",
                            help="--train-sp writes PREFIX.model (default: OUTPUT_PREFIX_sp<vocab-size>)")
-    tok_group.add_argument("--sp-threads", type=_positive_int, default=4,
-                           help="SentencePiece training threads; the trained model depends on it, keep it fixed")
+    tok_group.add_argument("--sp-threads", type=_positive_int, metavar="N", default=4,
+                           help="SentencePiece training threads; the trained model depends on it, "
+                           "so keep it fixed (default: 4)")
     tok_group.add_argument("--gpt2-vocab", metavar="PATH", help="GPT-2 vocab.json (may be .gz) for --tokenizer gpt2")
     tok_group.add_argument("--gpt2-merges", metavar="PATH", help="GPT-2 merges.txt for --tokenizer gpt2")
 
     run_group = parser.add_argument_group("execution")
-    run_group.add_argument("--workers", type=_positive_int, default=1,
-                           help="tokenizer processes; the output does not depend on it")
+    run_group.add_argument("--workers", type=_positive_int, metavar="N", default=1,
+                           help="tokenizer processes; the output does not depend on it (default: 1)")
     run_group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 

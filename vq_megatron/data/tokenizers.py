@@ -118,13 +118,18 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _truncated(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+def _truncated(texts: Iterable[str], max_bytes: int, errors: list[BaseException]) -> Iterator[str]:
     # The trainer silently drops sentences longer than max_sentence_length; keep their head.
-    for text in texts:
-        if not text.strip():
-            continue
-        data = text.encode("utf-8")
-        yield text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
+    try:
+        for text in texts:
+            if not text.strip():
+                continue
+            data = text.encode("utf-8")
+            yield text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
+    except Exception as err:
+        # The C++ trainer turns this into a RuntimeError; keep the original (e.g. DataError).
+        errors.append(err)
+        raise
 
 
 def train_sentencepiece(
@@ -154,8 +159,9 @@ def train_sentencepiece(
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     model_path = Path(f"{model_prefix}.model")
     buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_truncated(texts, max_sentence_length),
+    input_errors: list[BaseException] = []
+    options = dict(
+        sentence_iterator=_truncated(texts, max_sentence_length, input_errors),
         model_writer=buffer,
         model_type=model_type,
         vocab_size=vocab_size,
@@ -175,6 +181,12 @@ def train_sentencepiece(
         num_threads=num_threads,
         minloglevel=1,  # INFO output is thousands of lines; keep warnings
     )
+    try:
+        spm.SentencePieceTrainer.train(**options)
+    except RuntimeError as err:
+        if input_errors:
+            raise input_errors[0] from None
+        raise ValueError(f"SentencePiece training failed: {err}") from err
     if not buffer.getvalue():
         raise RuntimeError("SentencePiece training produced no model (was the input empty?)")
     _atomic_write_bytes(model_path, buffer.getvalue())

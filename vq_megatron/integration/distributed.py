@@ -44,12 +44,13 @@ def init_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, *, seed:
     model_parallel_seed(seed)
 
 
-def shutdown_parallel() -> None:
+def shutdown_parallel(barrier: bool = True) -> None:
     """Tear down in order; without destroy_process_group gloo runs sometimes abort at exit."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

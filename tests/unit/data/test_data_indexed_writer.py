@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from vq_megatron.data.c4_reader import read_documents
 from vq_megatron.data.indexed_writer import optimal_dtype, write_indexed_dataset
@@ -13,6 +12,10 @@ from vq_megatron.data.tokenizers import load_sentencepiece, train_sentencepiece
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SLICE_TRAIN = REPO_ROOT / "data" / "c4_slice" / "c4-train.slice.jsonl.gz"
+
+
+# Worker processes import this module to unpickle the test tokenizers below, so
+# megatron (seconds to import) is imported inside the tests, not at module level.
 
 
 class CodepointTokenizer:
@@ -48,6 +51,8 @@ def docs():
 
 
 def _read_back(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     dataset = IndexedDataset(str(prefix))
     return [dataset[i].tolist() for i in range(len(dataset))], dataset
 
@@ -122,4 +127,4 @@ def test_failed_rewrite_keeps_previous_dataset(tmp_path, sp_tokenizer, docs):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.bin", "keep.idx"]
     # A successful rewrite replaces both files.
     write_indexed_dataset(docs[:20], sp_tokenizer, prefix, progress=False)
-    assert len(IndexedDataset(str(prefix))) == 20
+    assert len(_read_back(prefix)[0]) == 20

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vq_megatron.data.c4_reader import read_documents
+from vq_megatron.data.c4_reader import DataError, read_documents
 from vq_megatron.data.tokenizers import (
     GPT2BPETokenizer,
     SentencePieceTokenizer,
@@ -123,3 +123,13 @@ def test_sentencepiece_bad_arguments(tmp_path):
         train_sentencepiece(["x"], tmp_path / "m", vocab_size=100, model_type="wordpiece")
     with pytest.raises(FileNotFoundError, match="nope.model"):
         load_sentencepiece(tmp_path / "nope.model")
+
+
+def test_sentencepiece_training_reports_input_errors_and_failures(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "hello world"}\n{broken\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: broken JSON"):
+        train_sentencepiece(read_documents([bad]), tmp_path / "m", vocab_size=300)
+    with pytest.raises(ValueError, match="SentencePiece training failed"):
+        train_sentencepiece(["tiny text"] * 3, tmp_path / "m", vocab_size=5000)
+    assert list(tmp_path.iterdir()) == [bad]

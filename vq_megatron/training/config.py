@@ -1,0 +1,176 @@
+"""Training configuration: one dataclass per YAML section, validated in one place.
+
+A run is described by a YAML file (configs/*.yaml) with sections model, parallel, data, optim, training;
+any field can be overridden on the command line with `--set section.field=value` (value parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vq_megatron.integration.model import ModelConfig
+
+__all__ = ["ParallelConfig", "DataConfig", "OptimConfig", "TrainingConfig", "RunConfig", "load_run_config"]
+
+
+@dataclass
+class ParallelConfig:
+    """tensor_parallel: TP size (divides attention heads); pipeline_parallel: PP size (1 supported by the
+    driver); sequence_parallel: Megatron SP (needs Transformer Engine or Apex for the body's norms).
+    Data parallel size = world size / (TP · PP)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ValueError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+        if self.pipeline_parallel != 1:
+            raise ValueError("parallel.pipeline_parallel > 1 is not supported by this driver yet (the VQ "
+                             "layer itself works as the last stage's output layer)")
+
+
+@dataclass
+class DataConfig:
+    """train_prefix: Megatron indexed dataset prefix (.bin/.idx) for training.
+    eval_sets: name -> indexed prefix evaluated sequentially (e.g. c4_val, wikitext); a sidecar
+        `<prefix>.meta.json` with "words" adds word-level perplexity.
+    tokenizer_model: sentencepiece model used to build the data (recorded, used by generate/evaluate).
+    eval_tokens: at most this many tokens per eval set (0 = all).
+    cache_dir: where megatron's GPTDataset caches its sample index (default: next to the data)."""
+
+    train_prefix: str = ""
+    eval_sets: dict = field(default_factory=dict)
+    tokenizer_model: str = ""
+    eval_tokens: int = 0
+    cache_dir: str = ""
+
+    def __post_init__(self):
+        if self.eval_tokens < 0:
+            raise ValueError("data.eval_tokens must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr; clip_grad is the global grad-norm clip
+    (0 disables)."""
+
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip_grad: float = 1.0
+
+    def __post_init__(self):
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"optim: need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError("optim.warmup_steps, clip_grad and weight_decay must be >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    """steps: optimizer steps; micro_batch_size per data-parallel rank; global_batch_size =
+    micro · DP · gradient-accumulation; seed: model init, data order, dropout.
+    log_interval / eval_interval / save_interval: in steps (0 disables eval/save during training).
+    save_dir: checkpoints + logs (metrics.csv, tensorboard/) of this run; keep_last: checkpoints kept.
+    resume: continue from the latest complete checkpoint in save_dir if there is one.
+    deepspeed_config: DeepSpeed JSON; precision: fp32 or bf16 (bf16 is for GPUs)."""
+
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 0
+    save_interval: int = 0
+    save_dir: str = "runs/default"
+    keep_last: int = 2
+    resume: bool = True
+    deepspeed_config: str = "configs/deepspeed/zero1_fp32.json"
+    precision: str = "fp32"
+    nan_policy: str = "stop"
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "global_batch_size", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("log_interval", "eval_interval", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training.{name} must be >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"training.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"training.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    data: DataConfig
+    optim: OptimConfig
+    training: TrainingConfig
+
+    def gradient_accumulation(self, data_parallel: int) -> int:
+        per_step = self.training.micro_batch_size * data_parallel
+        if self.training.global_batch_size % per_step:
+            raise ValueError(f"training.global_batch_size={self.training.global_batch_size} is not a "
+                             f"multiple of micro_batch_size x data_parallel = {per_step}")
+        return self.training.global_batch_size // per_step
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig,
+             "training": TrainingConfig}
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
+        raise ValueError(f"override {assignment!r} must look like section.field=value")
+    path, value = assignment.split("=", 1)
+    keys = path.split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML, apply `section.field=value` overrides, build and validate every section."""
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: top level must be a mapping of sections")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(_SECTIONS)}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = raw.get(name) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - known)
+        if bad:
+            raise ValueError(f"unknown option(s) {bad} in section '{name}'; valid: {sorted(known)}")
+        try:
+            sections[name] = cls(**values)
+        except TypeError as err:
+            raise ValueError(f"section '{name}': {err}") from err
+    return RunConfig(**sections)

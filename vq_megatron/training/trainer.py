@@ -1,0 +1,231 @@
+"""The training loop: megatron-core GPT (dense or VQ head) under DeepSpeed, with eval and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vq_megatron.integration.deepspeed_mpu import MegatronMPU
+from vq_megatron.integration.distributed import init_parallel, local_device
+from vq_megatron.integration.model import build_gpt_model
+from vq_megatron.training.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
+from vq_megatron.training.config import RunConfig
+from vq_megatron.training.data import (Batch, build_train_dataset, causal_mask, check_token_range,
+                                       eval_windows, read_meta, train_batch)
+from vq_megatron.training.metrics import MetricsLogger
+
+__all__ = ["train", "evaluate", "head_parameter_count", "deepspeed_config"]
+
+
+def _print0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def head_parameter_count(model) -> int:
+    """Trainable output-layer parameters of the whole model (TP shards counted once each)."""
+    from megatron.core import parallel_state as ps
+
+    layer = getattr(model, "output_layer", None)
+    if layer is None:
+        return 0
+    tp = ps.get_tensor_model_parallel_world_size()
+    return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+               for p in layer.parameters() if p.requires_grad)
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)   # no decay on norms, biases, per-token bias
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(cfg: RunConfig):
+    o, steps = cfg.optim, cfg.training.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return (o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))) / o.lr
+    return factor
+
+
+def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
+    """The DeepSpeed JSON with batch sizes, clipping and precision taken from the run config."""
+    path = Path(cfg.training.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"training.deepspeed_config {path} does not exist")
+    ds = json.loads(path.read_text())
+    ga = cfg.gradient_accumulation(data_parallel)
+    ds.update(train_micro_batch_size_per_gpu=cfg.training.micro_batch_size, gradient_accumulation_steps=ga,
+              train_batch_size=cfg.training.global_batch_size, gradient_clipping=cfg.optim.clip_grad,
+              steps_per_print=10 ** 9)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.training.precision == "bf16"}
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def _forward_loss(engine, batch: Batch, mask) -> torch.Tensor:
+    per_token = engine(batch.tokens, batch.position_ids, mask, labels=batch.labels)
+    return (per_token.float() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: RunConfig, device) -> dict:
+    """Sequential perplexity on every data.eval_sets entry (token-level; word-level with a meta file)."""
+    from megatron.core import parallel_state as ps
+
+    dp_group, dp_rank, dp = ps.get_data_parallel_group(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    seq, mb = cfg.model.seq_length, cfg.training.micro_batch_size
+    mask = causal_mask(seq, device)
+    engine.eval()
+    results = {}
+    for name, prefix in cfg.data.eval_sets.items():
+        windows = eval_windows(prefix, seq, cfg.data.eval_tokens)[dp_rank::dp]
+        totals = torch.zeros(2, dtype=torch.float64, device=device)   # nll sum, token count
+        for start in range(0, windows.shape[0], mb):
+            w = windows[start:start + mb].to(device)
+            positions = torch.arange(seq, device=device).expand(w.shape[0], seq)
+            per_token = engine(w[:, :-1], positions, mask, labels=w[:, 1:])
+            totals += torch.stack([per_token.double().sum(), torch.tensor(per_token.numel(), device=device)])
+        dist.all_reduce(totals, group=dp_group)
+        nll, count = float(totals[0]), float(totals[1])
+        results[f"{name}_loss"] = nll / count
+        results[f"{name}_ppl"] = math.exp(nll / count)
+        words = read_meta(prefix).get("words")
+        tokens_total = read_meta(prefix).get("tokens")
+        if words and tokens_total:
+            # Words covered by the evaluated tokens (all of them unless data.eval_tokens truncates).
+            results[f"{name}_word_ppl"] = math.exp(nll / (words * count / tokens_total))
+    engine.train()
+    return results
+
+
+def _build_engine(cfg: RunConfig, model, data_parallel: int):
+    import deepspeed
+    from megatron.core import parallel_state
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, data_parallel),
+                                           mpu=MegatronMPU(parallel_state))
+    return engine
+
+
+def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
+    """Run (or resume) training as configured. Returns the summary also written to save_dir/summary.json.
+
+    exit_after_steps: stop this invocation after that many steps (checkpointing first), like
+    Megatron-LM's --exit-interval; a later call resumes.
+    """
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    t = cfg.training
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=t.seed)
+    device = local_device()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    ga = cfg.gradient_accumulation(dp)
+    save_dir = Path(t.save_dir)
+    if dist.get_rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    dist.barrier()
+
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    model = build_gpt_model(cfg.model, tensor_parallel=cfg.parallel.tensor_parallel,
+                            sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype).to(device)
+    head_params = head_parameter_count(model)
+    engine = _build_engine(cfg, model, dp)
+    dataset = build_train_dataset(cfg.data.train_prefix, seq_length=cfg.model.seq_length,
+                                  num_samples=t.steps * t.global_batch_size, seed=t.seed,
+                                  vocab_size=cfg.model.vocab_size, cache_dir=cfg.data.cache_dir)
+
+    start_step = 0
+    tag = latest_complete_tag(save_dir) if t.resume else None
+    if tag is not None:
+        start_step = load_checkpoint(engine, save_dir, tag)["step"]
+        _print0(f"[train] resumed from {save_dir / tag} at step {start_step}")
+
+    logger = MetricsLogger(save_dir, enabled=dist.get_rank() == 0)
+    mask = causal_mask(cfg.model.seq_length, device)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    progress = _progress(start_step, t.steps)
+    losses, step_times = {}, []
+    step = start_step
+    stop_at = min(t.steps, start_step + exit_after_steps) if exit_after_steps else t.steps
+    while step < stop_at:
+        began = time.perf_counter()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(ga):
+            batch = train_batch(dataset, step=step, dp_rank=dp_rank, micro=micro, micro_batch_size=t.micro_batch_size,
+                                data_parallel=dp, grad_accumulation=ga)
+            check_token_range(batch, cfg.model.vocab_size)
+            batch = batch.to(device)
+            loss = _forward_loss(engine, batch, mask)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {float(loss)} at step {step} "
+                                         f"micro-batch {micro} (rank {dist.get_rank()})")
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach() / ga
+        dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
+        step_loss /= dp
+        step += 1
+        step_times.append(time.perf_counter() - began)
+        losses[step] = float(step_loss)
+        progress.update(1, losses[step])
+        if t.log_interval and (step % t.log_interval == 0 or step == t.steps):
+            logger.log(step, "train", {"loss": losses[step], "lr": engine.get_lr()[0],
+                                       "tokens_per_s": tokens_per_step / step_times[-1]})
+        if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+            logger.log(step, "eval", evaluate(engine, cfg, device))
+        if (t.save_interval and step % t.save_interval == 0) or step == stop_at:
+            save_checkpoint(engine, save_dir, step, client_state={}, keep_last=t.keep_last)
+    progress.close()
+
+    summary = {"output_layer": cfg.model.output_layer, "head_parameters": head_params,
+               "steps_run": sorted(losses), "train_losses": [losses[s] for s in sorted(losses)],
+               "final_step": step}
+    if step_times:
+        steady = step_times[2:] or step_times
+        summary["tokens_per_s"] = tokens_per_step * len(steady) / sum(steady)
+    if step == t.steps:
+        summary["eval"] = evaluate(engine, cfg, device) if cfg.data.eval_sets else {}
+        logger.log(step, "eval", summary["eval"])
+    logger.close()
+    if dist.get_rank() == 0:
+        name = "summary.json" if step == t.steps else f"summary_until_{step}.json"
+        (save_dir / name).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+class _progress:
+    """A tqdm bar on global rank 0 only (other ranks stay quiet)."""
+
+    def __init__(self, start: int, total: int):
+        self.bar = None
+        if dist.get_rank() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
