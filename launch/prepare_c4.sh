@@ -11,8 +11,8 @@
 # Environment (defaults in brackets):
 #   C4_SHARDS        train shards to use, of 1024 [1]
 #   C4_VALID_SHARDS  validation shards to use, of 8 [1]
-#   RAW_DIR          where the .json.gz shards go [<repo>/../shared/data/c4]
-#   OUT_DIR          where .bin/.idx and the tokenizer go [<repo>/../shared/data/c4-megatron]
+#   RAW_DIR          where the .json.gz shards go [<repo>/runs/c4_raw]
+#   OUT_DIR          where .bin/.idx and the tokenizer go [<repo>/runs/c4_data]
 #   VOCAB_SIZE       SentencePiece vocabulary size [32000]
 #   SP_TYPE          bpe or unigram [bpe]
 #   SP_TRAIN_DOCS    documents used to train the tokenizer [200000]
@@ -26,8 +26,8 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 C4_SHARDS="${C4_SHARDS:-1}"
 C4_VALID_SHARDS="${C4_VALID_SHARDS:-1}"
-RAW_DIR="${RAW_DIR:-$REPO_ROOT/../shared/data/c4}"
-OUT_DIR="${OUT_DIR:-$REPO_ROOT/../shared/data/c4-megatron}"
+RAW_DIR="${RAW_DIR:-$REPO_ROOT/runs/c4_raw}"
+OUT_DIR="${OUT_DIR:-$REPO_ROOT/runs/c4_data}"
 VOCAB_SIZE="${VOCAB_SIZE:-32000}"
 SP_TYPE="${SP_TYPE:-bpe}"
 SP_TRAIN_DOCS="${SP_TRAIN_DOCS:-200000}"

@@ -41,18 +41,20 @@ class DataConfig:
     eval_sets: name -> indexed prefix evaluated sequentially (e.g. c4_val, wikitext); a sidecar
         `<prefix>.meta.json` with "words" adds word-level perplexity.
     tokenizer_model: sentencepiece model used to build the data (recorded, used by generate/evaluate).
-    eval_tokens: at most this many tokens per eval set (0 = all).
+    eval_tokens: at most this many tokens per eval set in the final evaluation (0 = all).
+    interval_eval_tokens: the same cap for the periodic evaluations during training (0 = all).
     cache_dir: where megatron's GPTDataset caches its sample index (default: next to the data)."""
 
     train_prefix: str = ""
     eval_sets: dict = field(default_factory=dict)
     tokenizer_model: str = ""
     eval_tokens: int = 0
+    interval_eval_tokens: int = 32768
     cache_dir: str = ""
 
     def __post_init__(self):
-        if self.eval_tokens < 0:
-            raise ValueError("data.eval_tokens must be >= 0")
+        if self.eval_tokens < 0 or self.interval_eval_tokens < 0:
+            raise ValueError("data.eval_tokens and data.interval_eval_tokens must be >= 0")
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -79,8 +81,10 @@ def _forward_loss(engine, batch: Batch, mask) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: RunConfig, device) -> dict:
-    """Sequential perplexity on every data.eval_sets entry (token-level; word-level with a meta file)."""
+def evaluate(engine, cfg: RunConfig, device, max_tokens: int | None = None) -> dict:
+    """Sequential perplexity on every data.eval_sets entry (token-level; word-level with a meta file).
+
+    max_tokens caps each set (default data.eval_tokens; 0 = all)."""
     from megatron.core import parallel_state as ps
 
     dp_group, dp_rank, dp = ps.get_data_parallel_group(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -89,7 +93,8 @@ def evaluate(engine, cfg: RunConfig, device) -> dict:
     engine.eval()
     results = {}
     for name, prefix in cfg.data.eval_sets.items():
-        windows = eval_windows(prefix, seq, cfg.data.eval_tokens)[dp_rank::dp]
+        cap = cfg.data.eval_tokens if max_tokens is None else max_tokens
+        windows = eval_windows(prefix, seq, cap)[dp_rank::dp]
         totals = torch.zeros(2, dtype=torch.float64, device=device)   # nll sum, token count
         for start in range(0, windows.shape[0], mb):
             w = windows[start:start + mb].to(device)
@@ -137,6 +142,10 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     device = local_device()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     ga = cfg.gradient_accumulation(dp)
+    print(f"[rank {dist.get_rank()}/{dist.get_world_size()}] host={socket.gethostname()} "
+          f"local_rank={os.environ.get('LOCAL_RANK', 0)} tp_rank={ps.get_tensor_model_parallel_rank()}/"
+          f"{ps.get_tensor_model_parallel_world_size()} dp_rank={dp_rank}/{dp} backend={dist.get_backend()} "
+          f"device={device} grad_accumulation={ga}", flush=True)
     save_dir = Path(t.save_dir)
     if dist.get_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +199,7 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
             logger.log(step, "train", {"loss": losses[step], "lr": engine.get_lr()[0],
                                        "tokens_per_s": tokens_per_step / step_times[-1]})
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
-            logger.log(step, "eval", evaluate(engine, cfg, device))
+            logger.log(step, "eval", evaluate(engine, cfg, device, cfg.data.interval_eval_tokens))
         if (t.save_interval and step % t.save_interval == 0) or step == stop_at:
             save_checkpoint(engine, save_dir, step, client_state={}, keep_last=t.keep_last)
     progress.close()
@@ -217,9 +226,14 @@ class _progress:
     def __init__(self, start: int, total: int):
         self.bar = None
         if dist.get_rank() == 0:
+            import sys
+
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            # In a log file (not a terminal) a redraw per step would flood it: update every 10 s instead.
+            interval = 0.1 if sys.stderr.isatty() else 10.0
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=interval)
 
     def update(self, n: int, loss: float) -> None:
         if self.bar is not None:

@@ -33,9 +33,9 @@ def _c4_line(text: str) -> bytes:
 
 def test_bundled_c4_slice_reads_all_documents():
     docs = list(read_documents([SLICE_TRAIN]))
-    assert len(docs) == 400
+    assert len(docs) == 1000
     assert docs[0].startswith("Beginners BBQ Class Taking Place in Missoula!")
-    assert len(list(read_documents([SLICE_VALID]))) == 150
+    assert len(list(read_documents([SLICE_VALID]))) == 300
 
 
 @pytest.mark.parametrize("name", ["docs.jsonl", "docs.json", "docs.jsonl.gz", "c4-train.00000-of-01024.json.gz"])

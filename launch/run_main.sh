@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The README's main job: install, prepare the bundled C4 slice, train a small GPT with a dense head and
+# with a VQ-Logits head (identical body, data, steps and seed) under the DeepSpeed launcher, evaluate both
+# on C4 validation (+ WikiText-2 valid when ../shared/data is present) and print a side-by-side table.
+# Defaults run on CPU (2 processes, TP=2, a few minutes per run); the same script scales by config.
+# Env: CONFIG (configs/c4_small.yaml), OUT (runs/c4_small), DATA (runs/data), VOCAB_SIZE (8000),
+#      STEPS (from CONFIG), WIKITEXT (../shared/data/wikitext-2/wiki.valid.tokens.gz), NUM_GPUS,
+#      RESUME (0: start both runs afresh). Extra arguments are passed to the trainer (e.g. --set ...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup_env.sh
+PY=.venv/bin/python
+CONFIG="${CONFIG:-configs/c4_small.yaml}"
+OUT="${OUT:-runs/c4_small}"
+DATA="${DATA:-runs/data}"
+VOCAB_SIZE="${VOCAB_SIZE:-8000}"
+WIKITEXT="${WIKITEXT:-../shared/data/wikitext-2/wiki.valid.tokens.gz}"
+SP_MODEL="$DATA/c4_sp$VOCAB_SIZE.model"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+mkdir -p "$DATA"
+if [[ ! -f "$DATA/c4_train.idx" || ! -f "$SP_MODEL" ]]; then
+  echo "[main] tokenizer ($VOCAB_SIZE pieces) + C4 train slice -> $DATA"
+  $PY -m vq_megatron.data.prepare --input data/c4_slice/c4-train.slice.jsonl.gz --output-prefix "$DATA/c4_train" \
+    --train-sp --vocab-size "$VOCAB_SIZE" --sp-model-prefix "${SP_MODEL%.model}" --workers 2
+  $PY -m vq_megatron.data.prepare --input data/c4_slice/c4-validation.slice.jsonl.gz \
+    --output-prefix "$DATA/c4_val" --sp-model "$SP_MODEL" --workers 2
+fi
+SETS=(--set "data.eval_sets.c4_val=$DATA/c4_val")
+if [[ -f "$WIKITEXT" ]]; then
+  [[ -f "$DATA/wikitext2_valid.idx" ]] || $PY -m vq_megatron.data.prepare --input "$WIKITEXT" \
+    --output-prefix "$DATA/wikitext2_valid" --sp-model "$SP_MODEL" --workers 2
+  SETS+=(--set "data.eval_sets.wikitext2=$DATA/wikitext2_valid")
+else
+  echo "[main] $WIKITEXT not found: WikiText evaluation skipped (see ../shared/data/README.md)"
+fi
+
+for HEAD in dense vq; do
+  [[ "${RESUME:-0}" == 1 ]] || rm -rf "$OUT/$HEAD"
+  echo "[main] training output_layer=$HEAD -> $OUT/$HEAD"
+  bash launch/train_deepspeed.sh --config "$CONFIG" --set "model.output_layer=$HEAD" \
+    --set "model.vocab_size=$VOCAB_SIZE" --set "data.train_prefix=$DATA/c4_train" \
+    --set "data.tokenizer_model=$SP_MODEL" --set "training.save_dir=$OUT/$HEAD" "${SETS[@]}" \
+    ${STEPS:+--set "training.steps=$STEPS"} "$@"
+done
+echo "[main] dense vs VQ (first row is the baseline):"
+$PY -m vq_megatron.compare "$OUT/dense" "$OUT/vq" --out "$OUT/comparison"
