@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["VQLogitsConfig", "MAP_INITS", "CODEBOOK_INITS"]
+__all__ = ["VQLogitsConfig", "MAP_INITS", "CODEBOOK_INITS", "BIAS_INITS"]
 
 MAP_INITS = ("random", "contiguous", "frequency", "kmeans")
 CODEBOOK_INITS = ("normal", "kmeans")
+BIAS_INITS = ("zeros", "unigram")
 
 
 @dataclass
@@ -25,6 +26,9 @@ class VQLogitsConfig:
         map_init='kmeans').
     codebook_init_std: std of the normal codebook init.
     per_token_bias: learn a bias b[v] per vocabulary token on top of the code logit.
+    bias_init: 'zeros', or 'unigram': b[v] = log of the token's smoothed corpus frequency (needs token
+        counts). Adam moves a parameter by about lr per step, so a zero bias needs thousands of steps to
+        reach log-frequencies spanning ~10 nats; starting there makes the head a unigram model at step 0.
     seed: seed of the map and codebook initialisation (identical on every rank).
     kmeans_iters: Lloyd iterations for k-means initialisation / re-clustering.
     spherical_kmeans: cluster embeddings by cosine instead of Euclidean distance.
@@ -39,6 +43,7 @@ class VQLogitsConfig:
     codebook_init: str = "normal"
     codebook_init_std: float = 0.02
     per_token_bias: bool = False
+    bias_init: str = "zeros"
     seed: int = 1234
     kmeans_iters: int = 50
     spherical_kmeans: bool = False
@@ -60,6 +65,10 @@ class VQLogitsConfig:
         if self.codebook_init == "kmeans" and self.map_init != "kmeans":
             raise ValueError("VQLogitsConfig.codebook_init='kmeans' uses the k-means centroids, "
                              "so it needs map_init='kmeans'")
+        if self.bias_init not in BIAS_INITS:
+            raise ValueError(f"VQLogitsConfig.bias_init={self.bias_init!r} is not one of {BIAS_INITS}")
+        if self.bias_init != "zeros" and not self.per_token_bias:
+            raise ValueError("VQLogitsConfig.bias_init='unigram' needs per_token_bias=true")
         if not self.codebook_init_std > 0:
             raise ValueError(f"VQLogitsConfig.codebook_init_std must be > 0, got {self.codebook_init_std}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -75,6 +84,10 @@ class VQLogitsConfig:
         if unknown:
             raise ValueError(f"unknown vq option(s) {unknown}; valid: {sorted(known)}")
         return cls(**{**options, **overrides})
+
+    @property
+    def needs_token_counts(self) -> bool:
+        return self.map_init == "frequency" or self.bias_init == "unigram"
 
     def output_layer_parameters(self) -> int:
         """Trainable parameters of the VQ head: K·d (+ V for the per-token bias)."""

@@ -25,7 +25,7 @@ FULL_VQ_CLI = [
     "--vq-label-smoothing", "0.1", "--vq-z-loss", "1e-4", "--vq-init-embeddings", "/tmp/emb.pt",
 ]
 VQ_FLAGS = ["--output-layer-type", "--vq-codebook-size", "--vq-vocab-size", "--vq-map-init",
-            "--vq-codebook-init", "--vq-codebook-init-std", "--vq-per-token-bias", "--vq-seed",
+            "--vq-codebook-init", "--vq-codebook-init-std", "--vq-per-token-bias", "--vq-bias-init", "--vq-seed",
             "--vq-kmeans-iters", "--vq-spherical-kmeans", "--vq-label-smoothing", "--vq-z-loss",
             "--vq-token-counts", "--vq-init-embeddings"]
 

@@ -137,3 +137,17 @@ def test_rebuild_map_kmeans_and_nearest():
     assert torch.cdist(layer.codebook.detach(), emb).min(1).values.max() < 1.0
     with pytest.raises(ValueError, match="'kmeans' or 'nearest'"):
         layer.rebuild_map(emb, method="spectral")
+
+
+def test_unigram_bias_init_makes_the_head_a_unigram_model():
+    counts = torch.randint(0, 1000, (97,)).float()
+    layer = VQOutputLayer(VQLogitsConfig(vocab_size=97, hidden_size=8, codebook_size=10, per_token_bias=True,
+                                         bias_init="unigram"), token_counts=counts)
+    with torch.no_grad():
+        layer.codebook.zero_()   # code logits all 0: the softmax is the bias alone
+    probs = torch.softmax(layer(torch.randn(1, 8))[0], -1)[0]
+    torch.testing.assert_close(probs, (counts + 1) / (counts + 1).sum())
+    with pytest.raises(ValueError, match="needs token_counts"):
+        make_layer(per_token_bias=True, bias_init="unigram")
+    with pytest.raises(ValueError, match="needs per_token_bias"):
+        make_layer(bias_init="unigram")

@@ -70,7 +70,8 @@ from pathlib import Path
 
 import torch
 
-from vq_megatron.config import CODEBOOK_INITS, MAP_INITS, VQLogitsConfig
+from vq_megatron.config import BIAS_INITS, CODEBOOK_INITS, MAP_INITS, VQLogitsConfig
+from vq_megatron.integration.tensor_files import load_tensor_file
 
 __all__ = ["add_vq_args", "vq_config_from_args", "vq_vocab_size_from_args", "load_vq_init_tensors",
            "transformer_config_from_args", "model_provider", "OUTPUT_LAYER_TYPES"]
@@ -130,6 +131,9 @@ def add_vq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--vq-per-token-bias", action="store_true",
                        help="Learn a bias per vocabulary token on top of its code's logit (adds V "
                             "parameters).")
+    group.add_argument("--vq-bias-init", type=str, default=_DEFAULTS["bias_init"], choices=BIAS_INITS,
+                       help="Per-token bias initialisation: 'zeros', or 'unigram' (log smoothed corpus "
+                            "frequencies; needs --vq-per-token-bias and --vq-token-counts).")
     group.add_argument("--vq-seed", type=int, default=None,
                        help="Seed of the map and codebook initialisation, identical on every rank. "
                             "Default: Megatron-LM's --seed.")
@@ -175,12 +179,16 @@ def vq_config_from_args(args, vocab_size: int, hidden_size: int) -> VQLogitsConf
     """
     map_init = _arg(args, "vq_map_init", _DEFAULTS["map_init"])
     counts, embeddings = _arg(args, "vq_token_counts"), _arg(args, "vq_init_embeddings")
-    if map_init == "frequency" and counts is None:
-        raise ValueError("--vq-map-init frequency needs --vq-token-counts PATH (a .npy/.pt of [V] counts)")
+    bias_init = _arg(args, "vq_bias_init", _DEFAULTS["bias_init"])
+    uses_counts = map_init == "frequency" or bias_init == "unigram"
+    if uses_counts and counts is None:
+        raise ValueError("--vq-map-init frequency / --vq-bias-init unigram need --vq-token-counts PATH "
+                         "(a .npy/.pt of [V] counts)")
     if map_init == "kmeans" and embeddings is None:
         raise ValueError("--vq-map-init kmeans needs --vq-init-embeddings PATH (a .npy/.pt of [V, d] rows)")
-    if counts is not None and map_init != "frequency":
-        raise ValueError(f"--vq-token-counts is only used by --vq-map-init frequency (got {map_init!r})")
+    if counts is not None and not uses_counts:
+        raise ValueError(f"--vq-token-counts is only used by --vq-map-init frequency or --vq-bias-init "
+                         f"unigram (got {map_init!r}, {bias_init!r})")
     if embeddings is not None and map_init != "kmeans":
         raise ValueError(f"--vq-init-embeddings is only used by --vq-map-init kmeans (got {map_init!r})")
     try:
@@ -191,6 +199,7 @@ def vq_config_from_args(args, vocab_size: int, hidden_size: int) -> VQLogitsConf
             codebook_init=_arg(args, "vq_codebook_init", _DEFAULTS["codebook_init"]),
             codebook_init_std=_arg(args, "vq_codebook_init_std", _DEFAULTS["codebook_init_std"]),
             per_token_bias=bool(_arg(args, "vq_per_token_bias", False)),
+            bias_init=bias_init,
             seed=_arg(args, "vq_seed", _arg(args, "seed", _DEFAULTS["seed"])),
             kmeans_iters=_arg(args, "vq_kmeans_iters", _DEFAULTS["kmeans_iters"]),
             spherical_kmeans=bool(_arg(args, "vq_spherical_kmeans", False)),
@@ -232,26 +241,6 @@ def vq_vocab_size_from_args(args) -> int:
     return int(padded)
 
 
-def _load_tensor(path: str, flag: str) -> torch.Tensor:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npy":
-        import numpy as np
-
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    if suffix in (".pt", ".pth"):
-        value = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(value, dict):
-            tensors = {k: v for k, v in value.items() if isinstance(v, torch.Tensor)}
-            if len(tensors) != 1:
-                raise ValueError(f"{flag} {path}: expected a tensor or a dict holding exactly one tensor, "
-                                 f"got keys {sorted(map(str, value))}")
-            value = next(iter(tensors.values()))
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{flag} {path}: expected a tensor, got {type(value).__name__}")
-        return value
-    raise ValueError(f"{flag} {path}: unsupported file type {suffix!r} (use .npy or .pt)")
-
-
 def load_vq_init_tensors(args, vocab_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Load (token_counts [V], embeddings [V, d]) from --vq-token-counts / --vq-init-embeddings.
 
@@ -264,7 +253,7 @@ def load_vq_init_tensors(args, vocab_size: int) -> tuple[torch.Tensor | None, to
         if path is None:
             out.append(None)
             continue
-        tensor = _load_tensor(path, flag)
+        tensor = load_tensor_file(path, flag)
         if tensor.dim() != dims or tensor.shape[0] < vocab_size:
             raise ValueError(f"{flag} {path}: expected {dims}-D with >= {vocab_size} rows (vocabulary size), "
                              f"got shape {tuple(tensor.shape)}")

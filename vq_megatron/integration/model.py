@@ -38,6 +38,8 @@ class ModelConfig:
     vocab_size: real tokenizer vocabulary; the model pads it to make_vocab_size_divisible_by · TP.
     tie_embeddings: share input embedding and output weight (dense only; VQ has no V×d weight).
     vq: VQLogitsConfig options except vocab_size/hidden_size (codebook_size, map_init, ...).
+    vq_init_embeddings: .npy/.pt file of [V(+padding), d'] rows clustered by vq.map_init=kmeans (e.g. the
+        output weight of a dense checkpoint); with vq.codebook_init=kmeans, d' must equal hidden_size.
     """
 
     num_layers: int = 2
@@ -54,6 +56,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     position_embedding_type: str = "learned_absolute"
     vq: dict = field(default_factory=dict)
+    vq_init_embeddings: str = ""
 
     def __post_init__(self) -> None:
         if self.output_layer not in OUTPUT_LAYERS:
@@ -69,7 +72,10 @@ class ModelConfig:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
         if self.output_layer == "vq":
-            self.vq_config()  # validate the vq: options now, with a clear error
+            vq = self.vq_config()  # validate the vq: options now, with a clear error
+            if vq.map_init == "kmeans" and not self.vq_init_embeddings:
+                raise ValueError("model.vq.map_init=kmeans needs model.vq_init_embeddings (a .npy/.pt of "
+                                 "[V, d] rows, e.g. a dense model's output weight)")
 
     def vq_config(self) -> VQLogitsConfig:
         return VQLogitsConfig.from_dict(self.vq, vocab_size=self.vocab_size, hidden_size=self.hidden_size)

@@ -88,10 +88,21 @@ class VQOutputLayer(nn.Module):
 
         self.bias = None
         if config.per_token_bias:
-            self.bias = nn.Parameter(torch.zeros(self.partition_size, device=device, dtype=params_dtype))
+            full_bias = self._initial_bias(token_counts)
+            self.bias = nn.Parameter(full_bias[self.vocab_start: self.vocab_end].to(device, params_dtype))
             set_tensor_model_parallel_attributes(self.bias, is_parallel=True, dim=0, stride=1)
         # A loaded map (any TP size, any padding) must refresh the replicated copy and counts.
         self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_map_from_shards())
+
+    def _initial_bias(self, token_counts: torch.Tensor | None) -> torch.Tensor:
+        """Full padded bias [V_pad]: zeros, or add-one smoothed log unigram frequencies."""
+        full = torch.zeros(self.padded_vocab_size, dtype=torch.float64)
+        if self.config.bias_init == "unigram":
+            if token_counts is None or token_counts.shape != (self.vocab_size,):
+                raise ValueError(f"bias_init='unigram' needs token_counts of shape [{self.vocab_size}]")
+            counts = token_counts.double().cpu() + 1.0
+            full[: self.vocab_size] = torch.log(counts / counts.sum())
+        return full
 
     # ---------------------------------------------------------------- map bookkeeping
     @property

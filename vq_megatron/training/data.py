@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Batch", "build_train_dataset", "train_batch", "eval_windows", "check_token_range",
-           "causal_mask", "read_meta"]
+           "causal_mask", "read_meta", "corpus_token_counts"]
 
 
 @dataclass
@@ -114,3 +114,19 @@ def read_meta(prefix: str) -> dict:
     """Optional sidecar `<prefix>.meta.json` (e.g. {"words": ...} for word-level perplexity)."""
     path = Path(prefix + ".meta.json")
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def corpus_token_counts(prefix: str, vocab_size: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """Occurrences of every token id in an indexed dataset's .bin (for frequency maps / unigram bias)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    _check_prefix(prefix)
+    tokens = np.memmap(prefix + ".bin", dtype=IndexedDataset(prefix).index.dtype, mode="r")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start:start + chunk], dtype=np.int64)
+        if part.size and part.max() >= vocab_size:
+            raise ValueError(f"{prefix}.bin has token id {int(part.max())} >= model.vocab_size={vocab_size}: "
+                             f"the data was built with another tokenizer")
+        counts += np.bincount(part, minlength=vocab_size)
+    return torch.from_numpy(counts)

@@ -17,8 +17,9 @@ from vq_megatron.integration.distributed import init_parallel, local_device
 from vq_megatron.integration.model import build_gpt_model
 from vq_megatron.training.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
 from vq_megatron.training.config import RunConfig
+from vq_megatron.integration.tensor_files import load_tensor_file
 from vq_megatron.training.data import (Batch, build_train_dataset, causal_mask, check_token_range,
-                                       eval_windows, read_meta, train_batch)
+                                       corpus_token_counts, eval_windows, read_meta, train_batch)
 from vq_megatron.training.metrics import MetricsLogger
 
 __all__ = ["train", "evaluate", "head_parameter_count", "deepspeed_config"]
@@ -58,6 +59,22 @@ def _lr_lambda(cfg: RunConfig):
         progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
         return (o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))) / o.lr
     return factor
+
+
+def _vq_init_data(cfg: RunConfig) -> dict:
+    """Token counts (frequency map / unigram bias) and embedding rows (k-means map) the VQ head needs."""
+    if cfg.model.output_layer != "vq":
+        return {}
+    vq, out = cfg.model.vq_config(), {}
+    if vq.needs_token_counts:
+        out["token_counts"] = corpus_token_counts(cfg.data.train_prefix, cfg.model.vocab_size)
+    if vq.map_init == "kmeans":
+        rows = load_tensor_file(cfg.model.vq_init_embeddings, "model.vq_init_embeddings")
+        if rows.dim() != 2 or rows.shape[0] < cfg.model.vocab_size:
+            raise ValueError(f"model.vq_init_embeddings: need [>= {cfg.model.vocab_size}, d] rows, got "
+                             f"{tuple(rows.shape)}")
+        out["embeddings"] = rows[: cfg.model.vocab_size].float()
+    return out
 
 
 def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
@@ -154,7 +171,8 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
 
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     model = build_gpt_model(cfg.model, tensor_parallel=cfg.parallel.tensor_parallel,
-                            sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype).to(device)
+                            sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
+                            **_vq_init_data(cfg)).to(device)
     head_params = head_parameter_count(model)
     engine = _build_engine(cfg, model, dp)
     dataset = build_train_dataset(cfg.data.train_prefix, seq_length=cfg.model.seq_length,
