@@ -149,6 +149,28 @@ def _apply_override(raw: dict, assignment: str) -> None:
     node[keys[-1]] = yaml.safe_load(value)
 
 
+def _coerce(section: str, cls, values: dict) -> dict:
+    """Check scalar types against the dataclass annotations (YAML reads `3e-3` as a string)."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for name, value in values.items():
+        kind, where = kinds[name], f"{section}.{name}"
+        if kind == "float" and not isinstance(value, bool):
+            try:
+                out[name] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where} must be a number, got {value!r}") from None
+        elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        elif kind == "str" and not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        elif kind == "dict" and not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+    return out
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read YAML, apply `section.field=value` overrides, build and validate every section."""
     raw = {}
@@ -172,7 +194,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
         if bad:
             raise ValueError(f"unknown option(s) {bad} in section '{name}'; valid: {sorted(known)}")
         try:
-            sections[name] = cls(**values)
+            sections[name] = cls(**_coerce(name, cls, values))
         except TypeError as err:
             raise ValueError(f"section '{name}': {err}") from err
     return RunConfig(**sections)

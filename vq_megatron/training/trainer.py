@@ -18,6 +18,7 @@ from vq_megatron.integration.model import build_gpt_model
 from vq_megatron.training.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
 from vq_megatron.training.config import RunConfig
 from vq_megatron.integration.tensor_files import load_tensor_file
+from vq_megatron.layers import VQOutputLayer
 from vq_megatron.training.data import (Batch, build_train_dataset, causal_mask, check_token_range,
                                        corpus_token_counts, eval_windows, read_meta, train_batch)
 from vq_megatron.training.metrics import MetricsLogger
@@ -37,6 +38,8 @@ def head_parameter_count(model) -> int:
     layer = getattr(model, "output_layer", None)
     if layer is None:
         return 0
+    if isinstance(layer, VQOutputLayer):   # K·d (+ V): the padded bias slots are never trained
+        return layer.config.output_layer_parameters()
     tp = ps.get_tensor_model_parallel_world_size()
     return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
                for p in layer.parameters() if p.requires_grad)
