@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["CPURNGStatesTracker", "apply_cpu_shims", "model_parallel_seed", "cpu_shims_active"]
+__all__ = ["CPURNGStatesTracker", "apply_cpu_shims", "model_parallel_seed", "cpu_shims_active",
+           "cuda_factories_on_cpu"]
 
 _APPLIED = False
 
@@ -98,3 +100,29 @@ def model_parallel_seed(seed: int) -> None:
     tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + ps.get_tensor_model_parallel_rank())
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME,
                 seed + 1024 + 100 * ps.get_expert_model_parallel_rank() + ps.get_expert_tensor_parallel_rank())
+
+
+class _CudaFactoryToCPU(TorchFunctionMode):
+    """Rewrites an explicit device='cuda' keyword of any torch call to 'cpu'; nothing else is touched.
+
+    megatron-core 0.19.2's pipeline schedules allocate their token counter with a literal
+    `torch.zeros([], dtype=torch.int, device="cuda")` (forward_backward_no_pipelining and
+    forward_backward_pipelining_without_interleaving), which apply_cpu_shims() cannot reach.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_factories_on_cpu():
+    """Context for running megatron's pipeline schedules without a GPU (a no-op with one)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with _CudaFactoryToCPU():
+        yield

@@ -130,6 +130,18 @@ class VQGPTModel(GPTModel):
         return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                labels=labels, **kwargs)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """dist_checkpointing state: skip LanguageModule's output-weight handling (it indexes
+        `output_layer.weight`, which a VQ head does not have; VQ is never tied, MTP is rejected);
+        VQOutputLayer.sharded_state_dict handles the vocab padding of its map and bias itself."""
+        from megatron.core.transformer.module import MegatronModule
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        state = MegatronModule.sharded_state_dict(self, prefix, sharded_offsets,
+                                                  ensure_metadata_has_dp_cp_group(metadata))
+        state.pop(f"{prefix}output_layer._extra_state", None)
+        return state
+
     def _collapsed_language_model_loss(self, *, hidden_states, labels, **_unused):
         """Megatron's compute_language_model_loss contract: labels [b, s] -> per-token loss [b, s]."""
         loss = self.output_layer.loss(hidden_states, labels.transpose(0, 1).contiguous())
