@@ -44,6 +44,7 @@ def data(tmp_path_factory):
 
 def _sets(data, save_dir, *extra):
     sets = [f"data.train_prefix={data / 'train'}", f"data.eval_sets.c4_val={data / 'val'}",
+            f"data.tokenizer_model={data / 'sp1000.model'}",
             f"training.save_dir={save_dir}", *TINY, *extra]
     return [arg for s in sets for arg in ("--set", s)]
 

@@ -84,6 +84,10 @@ class TrainingConfig:
     log_interval / eval_interval / save_interval: in steps (0 disables eval/save during training).
     save_dir: checkpoints + logs (metrics.csv, tensorboard/) of this run; keep_last: checkpoints kept.
     resume: continue from the latest complete checkpoint in save_dir if there is one.
+    resume_tag: resume from this checkpoint (e.g. step_00000200) instead of the latest complete one.
+    verify_checkpoints: check SHA-256 checksums of a checkpoint's files before loading it.
+    nan_policy: on a NaN/Inf training loss, 'stop' with an error, or 'skip' the micro-batch (zero gradient,
+        counted) and stop only after max_skipped_microbatches in a row.
     deepspeed_config: DeepSpeed JSON; precision: fp32 or bf16 (bf16 is for GPUs)."""
 
     steps: int = 100
@@ -96,9 +100,12 @@ class TrainingConfig:
     save_dir: str = "runs/default"
     keep_last: int = 2
     resume: bool = True
+    resume_tag: str = ""
+    verify_checkpoints: bool = True
     deepspeed_config: str = "configs/deepspeed/zero1_fp32.json"
     precision: str = "fp32"
     nan_policy: str = "stop"
+    max_skipped_microbatches: int = 10
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "global_batch_size", "keep_last"):

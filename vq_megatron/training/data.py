@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Batch", "build_train_dataset", "train_batch", "eval_windows", "check_token_range",
-           "causal_mask", "read_meta", "corpus_token_counts"]
+           "causal_mask", "read_meta", "corpus_token_counts", "check_vocab_consistency"]
 
 
 @dataclass
@@ -130,3 +130,21 @@ def corpus_token_counts(prefix: str, vocab_size: int, chunk: int = 1 << 24) -> t
                              f"the data was built with another tokenizer")
         counts += np.bincount(part, minlength=vocab_size)
     return torch.from_numpy(counts)
+
+
+def check_vocab_consistency(model_vocab: int, prefixes: list[str], tokenizer_model: str = "") -> None:
+    """Tokenizer, data and model must agree on the vocabulary size: a mismatch trains a silently wrong
+    model (or indexes out of the embedding), so stop with a message naming both sizes."""
+    if tokenizer_model:
+        if not Path(tokenizer_model).is_file():
+            raise FileNotFoundError(f"data.tokenizer_model {tokenizer_model} does not exist")
+        import sentencepiece
+
+        size = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model).get_piece_size()
+        if size != model_vocab:
+            raise ValueError(f"tokenizer {tokenizer_model} has {size} pieces but model.vocab_size={model_vocab}")
+    for prefix in prefixes:
+        size = read_meta(prefix).get("vocab_size")
+        if size is not None and size != model_vocab:
+            raise ValueError(f"{prefix} was tokenized with a {size}-token vocabulary (see {prefix}.meta.json) "
+                             f"but model.vocab_size={model_vocab}")

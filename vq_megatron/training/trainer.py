@@ -20,7 +20,8 @@ from vq_megatron.training.config import RunConfig
 from vq_megatron.integration.tensor_files import load_tensor_file
 from vq_megatron.layers import VQOutputLayer
 from vq_megatron.training.data import (Batch, build_train_dataset, causal_mask, check_token_range,
-                                       corpus_token_counts, eval_windows, read_meta, train_batch)
+                                       check_vocab_consistency, corpus_token_counts, eval_windows, read_meta,
+                                       train_batch)
 from vq_megatron.training.metrics import MetricsLogger
 
 __all__ = ["train", "evaluate", "head_parameter_count", "deepspeed_config"]
@@ -93,6 +94,39 @@ def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.training.precision == "bf16"}
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
+
+
+class _NonFiniteGuard:
+    """Applies training.nan_policy to NaN/Inf losses, identically on every rank (one flag all-reduce)."""
+
+    def __init__(self, policy: str, max_in_a_row: int):
+        self.policy, self.max_in_a_row = policy, max_in_a_row
+        self.total = self.in_a_row = 0
+
+    def should_skip(self, loss: torch.Tensor, step: int, micro: int) -> bool:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
+            self.in_a_row = 0
+            return False
+        where = f"step {step + 1} micro-batch {micro} (loss {float(loss)} on rank {dist.get_rank()})"
+        if self.policy == "stop":
+            raise FloatingPointError(f"non-finite training loss at {where}; set training.nan_policy=skip "
+                                     f"to skip such micro-batches")
+        self.total += 1
+        self.in_a_row += 1
+        _print0(f"[train] skipped non-finite micro-batch at {where}; {self.total} skipped so far")
+        if self.in_a_row > self.max_in_a_row:
+            raise FloatingPointError(f"{self.in_a_row} non-finite micro-batches in a row (last at {where}): "
+                                     f"stopping (training.max_skipped_microbatches={self.max_in_a_row})")
+        return True
+
+
+def _zero_gradient_loss(engine) -> torch.Tensor:
+    """A loss whose gradient is exactly 0 for every parameter (even NaN ones), so DeepSpeed's gradient
+    accumulation and reduction run as usual but the micro-batch contributes nothing."""
+    return sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
+               torch.zeros((), device=next(engine.module.parameters()).device))
 
 
 def _forward_loss(engine, batch: Batch, mask) -> torch.Tensor:
@@ -172,6 +206,8 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
         (save_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     dist.barrier()
 
+    check_vocab_consistency(cfg.model.vocab_size, [cfg.data.train_prefix, *cfg.data.eval_sets.values()],
+                            cfg.data.tokenizer_model)
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     model = build_gpt_model(cfg.model, tensor_parallel=cfg.parallel.tensor_parallel,
                             sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
@@ -183,9 +219,9 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
                                   vocab_size=cfg.model.vocab_size, cache_dir=cfg.data.cache_dir)
 
     start_step = 0
-    tag = latest_complete_tag(save_dir) if t.resume else None
+    tag = (t.resume_tag or latest_complete_tag(save_dir)) if t.resume else None
     if tag is not None:
-        start_step = load_checkpoint(engine, save_dir, tag)["step"]
+        start_step = load_checkpoint(engine, save_dir, tag, verify=t.verify_checkpoints)["step"]
         _print0(f"[train] resumed from {save_dir / tag} at step {start_step}")
 
     logger = MetricsLogger(save_dir, enabled=dist.get_rank() == 0)
@@ -193,6 +229,7 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     progress = _progress(start_step, t.steps)
     losses, step_times = {}, []
+    guard = _NonFiniteGuard(t.nan_policy, t.max_skipped_microbatches)
     step = start_step
     stop_at = min(t.steps, start_step + exit_after_steps) if exit_after_steps else t.steps
     while step < stop_at:
@@ -204,9 +241,8 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
             check_token_range(batch, cfg.model.vocab_size)
             batch = batch.to(device)
             loss = _forward_loss(engine, batch, mask)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {float(loss)} at step {step} "
-                                         f"micro-batch {micro} (rank {dist.get_rank()})")
+            if guard.should_skip(loss, step, micro):
+                loss = _zero_gradient_loss(engine)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach() / ga
@@ -218,7 +254,8 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
         progress.update(1, losses[step])
         if t.log_interval and (step % t.log_interval == 0 or step == t.steps):
             logger.log(step, "train", {"loss": losses[step], "lr": engine.get_lr()[0],
-                                       "tokens_per_s": tokens_per_step / step_times[-1]})
+                                       "tokens_per_s": tokens_per_step / step_times[-1],
+                                       "skipped_microbatches": guard.total})
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
             logger.log(step, "eval", evaluate(engine, cfg, device, cfg.data.interval_eval_tokens))
         if (t.save_interval and step % t.save_interval == 0) or step == stop_at:
@@ -226,6 +263,7 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     progress.close()
 
     summary = {"output_layer": cfg.model.output_layer, "head_parameters": head_params,
+               "skipped_microbatches": guard.total,
                "steps_run": sorted(losses), "train_losses": [losses[s] for s in sorted(losses)],
                "final_step": step}
     if step_times:
