@@ -34,6 +34,10 @@ class VQLogitsConfig:
     spherical_kmeans: cluster embeddings by cosine instead of Euclidean distance.
     label_smoothing: default label smoothing of the training loss (torch semantics, global vocab).
     z_loss: default weight of the z-loss (z_loss * logsumexp²) added to the training loss.
+    recluster_interval: every this many training steps, re-cluster the map from the model's own input
+        embedding rows (VQOutputLayer.rebuild_map; 0 = never, the map stays fixed).
+    recluster_method: 'kmeans' (k-means of the rows) or 'nearest' (each token to its nearest current code).
+    recluster_reinit_codebook: with 'kmeans', replace the codebook by the centroids (else keep it).
     """
 
     vocab_size: int
@@ -49,6 +53,9 @@ class VQLogitsConfig:
     spherical_kmeans: bool = False
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    recluster_interval: int = 0
+    recluster_method: str = "kmeans"
+    recluster_reinit_codebook: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "codebook_size", "kmeans_iters"):
@@ -75,6 +82,11 @@ class VQLogitsConfig:
             raise ValueError(f"VQLogitsConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.z_loss < 0:
             raise ValueError(f"VQLogitsConfig.z_loss must be >= 0, got {self.z_loss}")
+        if not isinstance(self.recluster_interval, int) or self.recluster_interval < 0:
+            raise ValueError(f"VQLogitsConfig.recluster_interval must be >= 0, got {self.recluster_interval!r}")
+        if self.recluster_method not in ("kmeans", "nearest"):
+            raise ValueError(f"VQLogitsConfig.recluster_method={self.recluster_method!r} is not 'kmeans' "
+                             "or 'nearest'")
 
     @classmethod
     def from_dict(cls, options: dict, **overrides) -> "VQLogitsConfig":

@@ -89,10 +89,11 @@ def vq_cross_entropy(hidden, codebook, token_to_code, labels, bias=None, ignore_
         _check_labels(labels_flat, valid, vocab_size, ignore_index)
 
     target_code, target_bias = gather_target(token_to_code, labels_flat, valid, bias)
+    counts = code_counts(token_to_code, num_codes)
     per_token = collapsed_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), codebook,
-        log_mass=code_log_mass(token_to_code, num_codes, bias),
-        counts=code_counts(token_to_code, num_codes),
+        log_mass=code_log_mass(token_to_code, num_codes, bias, counts=counts),
+        counts=counts,
         target_code=target_code, valid=valid, vocab_size=vocab_size,
         target_bias=target_bias, bias_sum=None if bias is None else bias.sum(dtype=accumulation_dtype(bias.dtype)),
         label_smoothing=label_smoothing, z_loss=z_loss,

@@ -21,7 +21,7 @@ from vq_megatron.layers import VQOutputLayer
 __all__ = ["ModelConfig", "VQGPTModel", "build_gpt_model", "padded_vocab_size", "output_layer_parameters",
            "OUTPUT_LAYERS"]
 
-OUTPUT_LAYERS = ("dense", "vq")
+OUTPUT_LAYERS = ("dense", "vq", "adaptive")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -40,6 +40,10 @@ class ModelConfig:
     vq: VQLogitsConfig options except vocab_size/hidden_size (codebook_size, map_init, ...).
     vq_init_embeddings: .npy/.pt file of [V(+padding), d'] rows clustered by vq.map_init=kmeans (e.g. the
         output weight of a dense checkpoint); with vq.codebook_init=kmeans, d' must equal hidden_size.
+    adaptive_cutoffs: cluster cutoffs of output_layer=adaptive (adaptive softmax, TP=1; token ids are ranked
+        by training-data frequency first); empty = [V/8, V/2]. adaptive_div_value: its tail shrink factor.
+    init_from: a dense run directory (or one of its step_* checkpoint directories) whose body weights (all
+        but output_layer.*) initialise this model before training (two-stage dense -> VQ).
     """
 
     num_layers: int = 2
@@ -57,13 +61,16 @@ class ModelConfig:
     position_embedding_type: str = "learned_absolute"
     vq: dict = field(default_factory=dict)
     vq_init_embeddings: str = ""
+    adaptive_cutoffs: list = field(default_factory=list)
+    adaptive_div_value: float = 4.0
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.output_layer not in OUTPUT_LAYERS:
             raise ValueError(f"model.output_layer={self.output_layer!r} is not one of {OUTPUT_LAYERS}")
-        if self.output_layer == "vq" and self.tie_embeddings:
-            raise ValueError("model.tie_embeddings=true needs output_layer: dense (a VQ head has no V×d "
-                             "weight to tie)")
+        if self.output_layer != "dense" and self.tie_embeddings:
+            raise ValueError(f"model.tie_embeddings=true needs output_layer: dense (a {self.output_layer} "
+                             "head has no V×d weight to tie)")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
                      "make_vocab_size_divisible_by"):
             if getattr(self, name) < 1:
@@ -162,6 +169,11 @@ def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipelin
         position_embedding_type=model_cfg.position_embedding_type)
     if model_cfg.output_layer == "dense":
         return GPTModel(share_embeddings_and_output_weights=model_cfg.tie_embeddings, **common)
+    if model_cfg.output_layer == "adaptive":
+        from vq_megatron.layers.adaptive_softmax import AdaptiveGPTModel
+
+        return AdaptiveGPTModel(real_vocab_size=model_cfg.vocab_size, cutoffs=model_cfg.adaptive_cutoffs or None,
+                                div_value=model_cfg.adaptive_div_value, token_counts=token_counts, **common)
     return VQGPTModel(vq_config=model_cfg.vq_config(), token_counts=token_counts, embeddings=embeddings,
                       **common)
 

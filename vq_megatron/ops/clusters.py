@@ -19,9 +19,12 @@ def _real_entries(token_to_code: torch.Tensor) -> torch.Tensor:
 
 
 def code_counts(token_to_code: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """n_k: number of (non-padded) tokens mapped to each code, int64 [K]."""
-    codes = token_to_code[_real_entries(token_to_code)]
-    return torch.bincount(codes, minlength=num_codes)
+    """n_k: number of (non-padded) tokens mapped to each code, int64 [K].
+
+    index_add instead of mask-indexing + bincount: neither makes the host wait for a GPU."""
+    real = _real_entries(token_to_code)
+    counts = torch.zeros(num_codes, dtype=torch.int64, device=token_to_code.device)
+    return counts.index_add_(0, token_to_code.clamp(min=0), real.to(torch.int64))
 
 
 def segment_logsumexp(values: torch.Tensor, token_to_code: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -42,11 +45,14 @@ def segment_logsumexp(values: torch.Tensor, token_to_code: torch.Tensor, num_cod
 
 
 def code_log_mass(
-    token_to_code: torch.Tensor, num_codes: int, bias: torch.Tensor | None = None
+    token_to_code: torch.Tensor, num_codes: int, bias: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """B_k = log Σ_{v∈S_k} exp(b_v) (log n_k without bias), fp32 [K], -inf for empty codes."""
+    """B_k = log Σ_{v∈S_k} exp(b_v) (log n_k without bias; pass `counts` if already known), -inf for
+    empty codes. Without bias the result is fp64 (K numbers); callers cast to their accumulation dtype."""
     if bias is None:
-        return torch.log(code_counts(token_to_code, num_codes).double())  # callers cast to their accumulation dtype
+        counts = code_counts(token_to_code, num_codes) if counts is None else counts
+        return torch.log(counts.double())
     return segment_logsumexp(bias, token_to_code, num_codes)
 
 

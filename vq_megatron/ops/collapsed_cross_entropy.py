@@ -51,7 +51,13 @@ class CollapsedCrossEntropy(torch.autograd.Function):
             mean_logit = mean_logit / vocab_size
 
         z.add_(log_mass)                                           # z_k + B_k, in place: no second N×K
-        lse = torch.logsumexp(z, dim=1)
+        # One exp pass gives both lse and the code softmax q (torch.logsumexp would need a second one).
+        z_max = z.amax(dim=1, keepdim=True)
+        z_max = torch.where(torch.isfinite(z_max), z_max, torch.zeros_like(z_max))
+        probs = z.sub_(z_max).exp_()
+        sum_exp = probs.sum(dim=1)
+        lse = sum_exp.log() + z_max.squeeze(1)
+        probs.div_(sum_exp.unsqueeze(1))
         loss = (1.0 - label_smoothing) * (lse - target_logit)
         if mean_logit is not None:
             loss = loss + label_smoothing * (lse - mean_logit)
@@ -59,7 +65,6 @@ class CollapsedCrossEntropy(torch.autograd.Function):
             loss = loss + z_loss * lse.square()
         loss = torch.where(valid, loss, torch.zeros_like(loss))
 
-        probs = z.sub_(lse.unsqueeze(1)).exp_()                    # q = softmax over codes, in place
         ctx.save_for_backward(hidden, codebook, probs, lse, target_code, counts, valid)
         ctx.vocab_size, ctx.label_smoothing, ctx.z_loss = vocab_size, label_smoothing, z_loss
         ctx.has_bias_terms = (target_bias is not None, bias_sum is not None)

@@ -11,6 +11,7 @@ import heapq
 
 import torch
 
+from vq_megatron.ops import clusters
 from vq_megatron.ops.kmeans import assign_to_nearest, kmeans
 
 __all__ = [
@@ -161,7 +162,7 @@ def code_counts(token_to_code: torch.Tensor, num_codes: int) -> torch.Tensor:
         int(token_to_code.min()) < 0 or int(token_to_code.max()) >= num_codes
     ):
         raise ValueError(f"token_to_code values must lie in [0, {num_codes})")
-    return torch.bincount(token_to_code.to(torch.int64), minlength=num_codes)
+    return clusters.code_counts(token_to_code.to(torch.int64), num_codes)
 
 
 def build_map(

@@ -77,15 +77,19 @@ class CodeIndex:
         log_mass: float64 [K] B_k = log Σ_{v∈k} exp(b_v) (log n_k without bias; -inf for empty codes).
         prefix_min_id: int64 [R] smallest token id in tokens[offsets[k] : i+1] (code k of entry i).
         max_count: Python int, the largest n_k.
+        unique_bias: float64 [U] the distinct bias values, ascending (None without a bias).
+        search_key: int64 [R] code·U + (U-1-rank of the bias among unique_bias): non-decreasing along
+            ``tokens``, so "how many tokens of code k have b >= x" is two 1-D searchsorted calls.
     """
 
     def __init__(self, *, num_codes, vocab_size, offsets, tokens, codes, sorted_bias, bias64, counts,
-                 max_bias, min_bias, prefix_min_id, max_count):
+                 max_bias, min_bias, prefix_min_id, max_count, unique_bias=None, search_key=None):
         self.num_codes, self.vocab_size = num_codes, vocab_size
         self.offsets, self.tokens, self.codes = offsets, tokens, codes
         self.sorted_bias, self.bias64 = sorted_bias, bias64
         self.counts, self.max_bias, self.min_bias = counts, max_bias, min_bias
         self.prefix_min_id, self.max_count = prefix_min_id, max_count
+        self.unique_bias, self.search_key = unique_bias, search_key
         self._weights_cache: dict[float, torch.Tensor] = {}
         self.log_mass = self.log_mass_at(1.0)
 
@@ -142,9 +146,15 @@ class CodeIndex:
         V = m.shape[0]
         rank_key = (num_codes - 1 - codes) * V
         prefix_min_id = torch.cummin(rank_key + ids, dim=0).values - rank_key
+        unique_bias = search_key = None
+        if bias is not None:
+            unique_bias = torch.unique(bias64)  # sorted ascending
+            U = unique_bias.shape[0]
+            search_key = codes * U + (U - 1 - torch.searchsorted(unique_bias, bias64))
         return cls(num_codes=num_codes, vocab_size=V, offsets=offsets, tokens=ids, codes=codes,
                    sorted_bias=sorted_bias, bias64=bias64, counts=counts, max_bias=max_bias,
-                   min_bias=min_bias, prefix_min_id=prefix_min_id, max_count=int(counts.max()))
+                   min_bias=min_bias, prefix_min_id=prefix_min_id, max_count=int(counts.max()),
+                   unique_bias=unique_bias, search_key=search_key)
 
     def to(self, device) -> "CodeIndex":
         """A copy of the index on another device."""
@@ -153,7 +163,8 @@ class CodeIndex:
                          tokens=move(self.tokens), codes=move(self.codes), sorted_bias=move(self.sorted_bias),
                          bias64=move(self.bias64), counts=move(self.counts), max_bias=move(self.max_bias),
                          min_bias=move(self.min_bias), prefix_min_id=move(self.prefix_min_id),
-                         max_count=self.max_count)
+                         max_count=self.max_count, unique_bias=move(self.unique_bias),
+                         search_key=move(self.search_key))
 
     def cumulative_weights(self, temperature: float) -> torch.Tensor:
         """G [R+1] float64: G[i] = Σ_{j<i} exp((b_j - maxb_{code(j)}) / T); O(R), cached per T.
@@ -230,6 +241,32 @@ def _prefix_len(index: CodeIndex, z: torch.Tensor, sorted_bias: torch.Tensor | N
     return lo - start
 
 
+def _count(index: CodeIndex, zd: torch.Tensor, tau: torch.Tensor, strict: bool) -> torch.Tensor:
+    """float64 prefix lengths: #{v in code k : zd[n,k] + b_v (>|>=) tau[n]}, int64 [N, K]. Exact.
+
+    Fast path: x = tau - z_k (rounded), count b >= x with two 1-D searchsorted calls on the index's
+    composite key, then verify the boundary against the exact float64 sums (the prefix property makes
+    two checks per (row, code) sufficient). Only if rounding of x misplaced a boundary somewhere (data
+    values within an ulp of the threshold) is the exact binary search (:func:`_prefix_len`) run.
+    """
+    if not index.has_bias:
+        return _prefix_len(index, zd, None, tau, strict)
+    t = tau.unsqueeze(-1)
+    if strict:  # fl(z + b) > t  <=>  fl(z + b) >= nextafter(t, +inf)
+        t = torch.nextafter(t, torch.full_like(t, float("inf")))
+    U = index.unique_bias.shape[0]
+    below = torch.searchsorted(index.unique_bias, (t - zd).contiguous())        # distinct values < x
+    code_ids = torch.arange(index.num_codes, device=zd.device)
+    end = torch.searchsorted(index.search_key, code_ids * U + (U - 1 - below), right=True)
+    start, R = index.offsets[:-1], index.num_tokens
+    count = end - start
+    inside_ok = (count == 0) | (zd + index.bias64[(end - 1).clamp(min=0)] >= t)
+    outside_ok = (count == index.counts) | (zd + index.bias64[end.clamp(max=R - 1)] < t)
+    if bool((inside_ok & outside_ok).all()):
+        return count
+    return _prefix_len(index, zd, index.bias64, tau, strict)
+
+
 def _kept_mass(index: CodeIndex, zd: torch.Tensor, counts: torch.Tensor, G: torch.Tensor,
                shift: torch.Tensor, temperature: float) -> torch.Tensor:
     """[N, K] float64: Σ over the first counts[n,k] tokens of code k of exp((z_k + b_v - shift_n) / T)."""
@@ -274,37 +311,86 @@ def _row_range(index: CodeIndex, zd: torch.Tensor) -> tuple[torch.Tensor, torch.
     return hi, lo
 
 
+def _candidate_shape(index: CodeIndex, top_k: int) -> tuple[int, int]:
+    return min(top_k, index.num_codes), min(top_k, index.max_count)
+
+
+def _use_candidates(index: CodeIndex, top_k: int) -> bool:
+    """Small top-k: the first k tokens of the k best codes hold the threshold; used while that
+    candidate tensor [N, min(k, K)·min(k, n_max)] stays O(N·K) (<= 4·N·K)."""
+    codes, per_code = _candidate_shape(index, top_k)
+    return codes * per_code <= 4 * index.num_codes
+
+
+def _candidate_threshold(index: CodeIndex, zd: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                         max_l: torch.Tensor) -> torch.Tensor:
+    """tau for top-k (then top-p) from candidates: the first min(k, n_c) tokens of the k codes with the
+    largest best logit. Every token with a logit above the k-th largest logit tau_k is a candidate (its
+    code's best logit beats all but < k codes' and it is among its code's first k), so tau_k is the k-th
+    largest candidate and the top-p masses above any candidate value >= tau_k are sums over candidates;
+    only the tokens tied AT tau_k may lie outside, and they are counted exactly (_count).
+    """
+    N = zd.shape[0]
+    n_codes, per_code = _candidate_shape(index, top_k)
+    neg_inf = torch.tensor(float("-inf"), dtype=zd.dtype, device=zd.device)
+    code_best = torch.where(index.counts > 0, zd + index.max_bias, neg_inf)
+    top_codes = code_best.topk(n_codes, dim=-1).indices                       # [N, n_codes]
+    j = torch.arange(per_code, device=zd.device)
+    valid = j < index.counts[top_codes].unsqueeze(-1)                          # [N, n_codes, per_code]
+    pos = torch.where(valid, index.offsets[top_codes].unsqueeze(-1) + j, torch.zeros_like(j))
+    cand = torch.where(valid, zd.gather(1, top_codes).unsqueeze(-1) + index.bias64[pos], neg_inf)
+    vals = cand.reshape(N, -1).sort(dim=-1, descending=True).values
+    tau_k = vals[:, top_k - 1]
+    if top_p >= 1.0:
+        return tau_k
+    w = torch.exp((vals - max_l.unsqueeze(-1)) / temperature)                 # -inf -> 0
+    excl = torch.cat([w.new_zeros(N, 1), w.cumsum(-1)[:, :-1]], dim=-1)       # mass before each slot
+    idx = torch.arange(vals.shape[1], device=zd.device)
+    new_run = torch.cat([torch.ones_like(vals[:, :1], dtype=torch.bool), vals[:, 1:] != vals[:, :-1]], -1)
+    run_start = torch.where(new_run, idx, torch.zeros_like(idx)).cummax(-1).values
+    mass_gt = excl.gather(1, run_start)                                        # mass strictly above
+    n_at_tau = (_count(index, zd, tau_k, strict=False) - _count(index, zd, tau_k, strict=True)).sum(-1)
+    total = (w * (vals > tau_k.unsqueeze(-1))).sum(-1) + \
+        n_at_tau.to(zd.dtype) * torch.exp((tau_k - max_l) / temperature)
+    keep = (mass_gt < top_p * total.unsqueeze(-1)) & (vals >= tau_k.unsqueeze(-1))  # a prefix
+    last = (keep.sum(-1) - 1).clamp(min=0)
+    return vals.gather(1, last.unsqueeze(-1)).squeeze(-1)
+
+
 def _kept_counts(index: CodeIndex, zd: torch.Tensor, temperature: float, top_k: int, top_p: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (row, code) number of kept tokens after top-k / top-p, and the row's max logit (shift).
 
-    The kept set of each row is {v : l_v >= tau}; tau is found by bisection over float64 keys.
+    The kept set of each row is {v : l_v >= tau}. tau comes from the candidate set for a small top-k,
+    otherwise from bisection over float64 keys: the k-th largest logit (largest t with
+    #{l >= t} >= k), then the smallest t >= it with mass{l > t} < top_p · mass{l >= tau_k}.
     """
-    sb = index.bias64 if index.has_bias else None
-    N, R = zd.shape[0], index.num_tokens
+    R = index.num_tokens
     max_l, min_l = _row_range(index, zd)
     filter_k = 0 < top_k < R
     filter_p = top_p < 1.0
     if not (filter_k or filter_p):
         return index.counts.expand_as(zd), max_l
+    if filter_k and _use_candidates(index, top_k):
+        tau = _candidate_threshold(index, zd, temperature, top_k, top_p, max_l)
+        return _count(index, zd, tau, strict=False), max_l
     tau = min_l
     if filter_k:
         def enough(t):  # at least k tokens with logit >= t
-            return _prefix_len(index, zd, sb, t, strict=False).sum(-1) >= top_k
+            return _count(index, zd, t, strict=False).sum(-1) >= top_k
         lo, _ = _bisect(_to_key(min_l), _to_key(max_l) + 1, enough, want_max_true=True)
         tau = _from_key(lo)  # the k-th largest logit
     if filter_p:
         G = index.cumulative_weights(temperature)
-        kept_total = _kept_mass(index, zd, _prefix_len(index, zd, sb, tau, strict=False), G, max_l,
-                                temperature).sum(-1)
-        target = top_p * kept_total
+        target = top_p * _kept_mass(index, zd, _count(index, zd, tau, strict=False), G, max_l,
+                                    temperature).sum(-1)
 
         def light(t):  # mass strictly above t is < top_p of the (top-k) kept mass
-            return _kept_mass(index, zd, _prefix_len(index, zd, sb, t, strict=True), G, max_l,
+            return _kept_mass(index, zd, _count(index, zd, t, strict=True), G, max_l,
                               temperature).sum(-1) < target
         _, hi = _bisect(_to_key(tau) - 1, _to_key(max_l), light, want_max_true=False)
         tau = torch.maximum(tau, _from_key(hi))
-    return _prefix_len(index, zd, sb, tau, strict=False), max_l
+    return _count(index, zd, tau, strict=False), max_l
 
 
 def _uniforms(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -67,6 +67,8 @@ def _lr_lambda(cfg: RunConfig):
 
 def _vq_init_data(cfg: RunConfig) -> dict:
     """Token counts (frequency map / unigram bias) and embedding rows (k-means map) the VQ head needs."""
+    if cfg.model.output_layer == "adaptive":   # frequency ranking of the adaptive softmax clusters
+        return {"token_counts": corpus_token_counts(cfg.data.train_prefix, cfg.model.vocab_size)}
     if cfg.model.output_layer != "vq":
         return {}
     vq, out = cfg.model.vq_config(), {}
@@ -79,6 +81,22 @@ def _vq_init_data(cfg: RunConfig) -> dict:
                              f"{tuple(rows.shape)}")
         out["embeddings"] = rows[: cfg.model.vocab_size].float()
     return out
+
+
+def _maybe_recluster(model, cfg: RunConfig, step: int) -> None:
+    """Every vq.recluster_interval steps (not after the last), re-cluster the VQ map from the model's input
+    embedding rows (gathered across TP, cut to V); see VQLogitsConfig.recluster_*."""
+    layer = getattr(model, "output_layer", None)
+    if not isinstance(layer, VQOutputLayer):
+        return
+    vq = layer.config
+    if not vq.recluster_interval or step % vq.recluster_interval or step >= cfg.training.steps:
+        return
+    from vq_megatron.strategies.recluster import recluster_from_input_embeddings
+
+    changed = recluster_from_input_embeddings(model, method=vq.recluster_method,
+                                              reinit_codebook=vq.recluster_reinit_codebook)
+    _print0(f"[train] step {step}: re-clustered the VQ map ({vq.recluster_method}), {changed:.1%} of tokens moved")
 
 
 def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
@@ -213,6 +231,10 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
                             sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
                             **_vq_init_data(cfg)).to(device)
     head_params = head_parameter_count(model)
+    if cfg.model.init_from:   # two-stage: body weights of a dense run (a resumed checkpoint overrides them)
+        from vq_megatron.strategies.two_stage import load_body_weights
+
+        _print0(f"[train] body initialised from {load_body_weights(model, cfg.model.init_from)}")
     engine = _build_engine(cfg, model, dp)
     dataset = build_train_dataset(cfg.data.train_prefix, seq_length=cfg.model.seq_length,
                                   num_samples=t.steps * t.global_batch_size, seed=t.seed,
@@ -249,6 +271,7 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
         dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
         step_loss /= dp
         step += 1
+        _maybe_recluster(engine.module, cfg, step)
         step_times.append(time.perf_counter() - began)
         losses[step] = float(step_loss)
         progress.update(1, losses[step])
