@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vq_megatron.ops import sampling
 from vq_megatron.ops.clusters import code_log_mass
 from vq_megatron.ops.sampling import CodeIndex, vq_filtered_probs, vq_greedy, vq_sample
 from vq_megatron.ops.scatter import scatter_code_logits
@@ -70,8 +71,22 @@ CASES = [  # V, K, bias, empty, pad, ties
 ]
 
 
+PATHS = ["auto", "bisection", "bisection-only", "candidates"]
+
+
+def force_path(monkeypatch, path):
+    """Threshold search with a bias: 'auto', or force one implementation: top-k from the candidate
+    set, or bisection finished by listing the bracket ('bisection') / run to convergence."""
+    if path != "auto":
+        monkeypatch.setattr(sampling, "_use_candidates", lambda index, top_k: path == "candidates")
+    if path == "bisection-only":
+        monkeypatch.setattr(sampling, "_endgame_size", lambda index: 1)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("V,K,bias,empty,pad,ties", CASES)
-def test_filtered_probs_match_materialised_reference(V, K, bias, empty, pad, ties):
+def test_filtered_probs_match_materialised_reference(V, K, bias, empty, pad, ties, path, monkeypatch):
+    force_path(monkeypatch, path)
     m, b, z = make_case(V, K, bias=bias, empty=empty, pad=pad, ties=ties, seed=V * 7 + K)
     index = CodeIndex.build(m, K, b)
     logits = materialise(z, m, b)
@@ -84,21 +99,33 @@ def test_filtered_probs_match_materialised_reference(V, K, bias, empty, pad, tie
         assert abs(float(prob.sum()) - 1.0) < 1e-9
 
 
-@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (40, 1.0), (0, 0.9), (0, 0.5)])
-def test_rule_equals_megatron_filter_without_ties(top_k, top_p):
-    """Tie-free logits: the rule coincides with megatron-core's own top-k / top-p filter."""
-    from megatron.core.inference.sampling.torch_sampling import TorchSampling
+def conventional_filter(logits, temperature, top_k, top_p):
+    """The usual sort-based filter, as megatron-core's TorchSampling._modify_logits_for_top_{k,p}_filtering
+    (top-k: drop logits < the k-th largest; top-p: sort, cumsum of softmax, drop a token once the mass
+    before it exceeds top_p). Returns filtered logits (-inf outside)."""
+    logits = logits / temperature
+    if top_k > 0:
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[..., -1:], float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_before > top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (40, 1.0), (0, 0.9), (0, 0.5), (30, 0.8)])
+def test_rule_equals_conventional_filter_without_ties(top_k, top_p):
+    """Tie-free logits: the rule coincides with the conventional sort-based top-k / top-p filter."""
     m, b, z = make_case(211, 13, bias=True, seed=3)
     index = CodeIndex.build(m, 13, b)
     logits = materialise(z, m, b)
     for row in range(3):
-        filtered = TorchSampling.filter_logits(logits[row: row + 1], 0.8, top_k, 0.0 if top_k else top_p)[0]
+        filtered = conventional_filter(logits[row], 0.8, top_k, top_p)
         kept = torch.nonzero(torch.isfinite(filtered)).squeeze(1)
         tok, prob = vq_filtered_probs(z[row], index, 0.8, top_k, top_p)
         assert torch.equal(torch.sort(tok).values, kept)
-        ref = torch.softmax(filtered, 0)[tok]
-        assert torch.allclose(prob, ref, rtol=0, atol=1e-9)
+        assert torch.allclose(prob, torch.softmax(filtered, 0)[tok], rtol=0, atol=1e-9)
 
 
 def test_code_index_layout_and_log_mass():
@@ -115,6 +142,40 @@ def test_code_index_layout_and_log_mass():
     assert torch.allclose(CodeIndex.build(m, 9).log_mass, code_log_mass(m, 9))
     for T in (0.5, 2.0):
         assert torch.allclose(index.log_mass_at(T), code_log_mass(m, 9, b.double() / T), atol=1e-12)
+
+
+def test_search_paths_draw_identical_samples(monkeypatch):
+    m, b, z = make_case(103, 9, bias=True, empty=1, pad=4, seed=8)
+    index = CodeIndex.build(m, 9, b)
+    zz = z.repeat_interleave(50, 0)
+    for k, p in ((1, 1.0), (3, 1.0), (3, 0.6), (12, 0.9)):
+        draws = []
+        for path in PATHS:
+            force_path(monkeypatch, path)
+            draws.append(vq_sample(zz, index, temperature=0.8, top_k=k, top_p=p,
+                                   generator=torch.Generator().manual_seed(1)))
+        monkeypatch.undo()
+        for other in draws[1:]:
+            assert torch.equal(draws[0], other), (k, p)
+
+
+def test_counts_are_exact_when_thresholds_round():
+    """b -> fl(z + b) merges many distinct biases into one double: counts follow the rounded sums."""
+    K = 3
+    tiny = torch.tensor([3e-17, 1e-17, 5.551115123125783e-17, -1e-17, -5.551115123125783e-17, -6e-17,
+                         2.220446049250313e-16, -1.1102230246251565e-16, 0.0, 1e-300, -1e-300], dtype=torch.float64)
+    V = tiny.numel() * K
+    m = torch.arange(V) % K
+    b = torch.cat([tiny, tiny * 3, tiny / 2])
+    index = CodeIndex.build(m, K, b)
+    z = torch.tensor([[1.0, 1.0, 0.5], [1.0, 2.0, 1.0 - 2 ** -53], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    logits = materialise(z, m, b)
+    for tau_value in (1.0, 1.0 + 2 ** -52, 1.0 - 2 ** -53, 0.5, 2.0, 0.0, 1e-300):
+        tau = torch.full((3,), tau_value, dtype=torch.float64)
+        for strict in (False, True):
+            hit = logits > tau_value if strict else logits >= tau_value
+            expected = torch.stack([torch.bincount(m[hit[r]], minlength=K) for r in range(3)])
+            assert torch.equal(sampling._prefix_len(index, z, index.bias64, tau, strict), expected)
 
 
 # ----------------------------------------------------------------------------------------- greedy
@@ -271,7 +332,7 @@ def test_never_materialises_n_by_v(bias):
         vq_sample(z, index, temperature=0.7, top_k=50, top_p=0.9, generator=g)
         vq_sample(z, index, top_p=0.95, generator=g)
         vq_greedy(z, index)
-    assert probe.largest <= V + 1 < N * V // 10
+    assert probe.largest <= max(V + 1, 4 * N * K) < N * V // 10
     with probe:  # the probe does see a materialised path
         scatter_code_logits(z, m, b)
     assert probe.largest >= N * V

@@ -1,9 +1,11 @@
-"""One factory that reads `output_layer: dense|vq` and builds a megatron-core GPTModel.
+"""One factory that reads `output_layer: dense|vq|adaptive` and builds a megatron-core GPTModel.
 
 dense: megatron-core's own GPTModel (ColumnParallelLinear head, vocab-parallel cross-entropy).
 vq:    VQGPTModel, a GPTModel whose output layer is VQOutputLayer. With labels, its forward computes the
        collapsed loss through GPTModel's `output_processor` hook, so the N×V logits are never built and
        the return contract is unchanged (per-token loss [b, s]); without labels it returns logits.
+adaptive: AdaptiveGPTModel (vq_megatron/layers/adaptive_softmax.py), adaptive softmax over frequency-ranked
+       token ids, the classic peer of VQ-Logits in the ablations (TP=1 only).
 """
 
 from __future__ import annotations

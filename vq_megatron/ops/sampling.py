@@ -28,11 +28,18 @@ Semantics (identical to filtering and sampling the materialised logits):
     <= top_p, which differs only when that mass equals top_p exactly.)
 
   Both filters therefore keep a threshold set {v : l_v >= tau} for a per-row tau, which within every
-  code is a prefix of its bias-sorted token list. That is what makes the exact filtered distribution
-  cheap: tau is found by bisection over the float64 bit patterns (<= 64 steps), each step counting /
-  weighing the per-code prefixes by a vectorised binary search (O(K log n_max) per row, n_max the
-  largest code). Sampling then draws a code ∝ exp(z_k / T)·(kept mass of the code) and a token
-  within the kept prefix of that code ∝ exp(b_v / T) by inverse CDF.
+  code is a prefix of its bias-sorted token list. Sampling draws a code ∝ exp(z_k / T)·(kept mass of
+  the code), then a token inside the kept prefix of that code ∝ exp(b_v / T) (uniform without a
+  bias), both by inverse CDF. tau is found without listing the kept tokens:
+
+  - no bias: a code's tokens tie, so the filter is a sort of the K code logits (multiplicities n_k);
+  - bias and a small top-k (min(k, K)·min(k, n_max) <= 4K): the first k tokens of the k codes with
+    the best top logit contain every token above the k-th largest logit; tau (and the top-p masses)
+    come from sorting these candidates;
+  - otherwise bisection on tau (first halving the value range, then the float64 bit patterns for
+    exact convergence), each step counting / weighing the per-code prefixes with a binary search
+    restricted to the current bracket, until <= E = min(4K, 1024) tokens remain inside the bracket;
+    those are listed, sorted and resolved exactly.
 * greedy: :func:`vq_greedy` returns exactly ``torch.argmax`` of the materialised logits
   (``scatter_code_logits(z, M, b)`` in z's dtype): the largest logit, ties broken by the LOWEST token
   id, across codes as well as within a code.
@@ -42,10 +49,12 @@ reference in tests/unit/test_sampling.py materialises the logits in float64 the 
 assumed finite (no NaN / +inf).
 
 Complexity: CodeIndex.build O(V log V) once; per call O(V) once per new temperature (cached
-cumulative within-code weights); per row O(K) without filtering (plus O(log V) for the token draw), and
-O(64 · K · log n_max) with top-k / top-p, independent of how many tokens the filter keeps. No tensor
-larger than O(N·K + V) is created. Everything is vectorised over rows (no per-row Python loop) and
-runs on the input tensors' device.
+cumulative within-code weights). Per row: O(K + log V) without filtering; O(K log K) without a bias;
+O(K + k² log k) for the candidate path; otherwise O(S·K·log n_max + E log E) with S bisection steps
+(about log2(V / E) plus a few in practice, at most 96), n_max the largest code. None of it depends on
+how many tokens the filter keeps, and no tensor larger than O(N·K + V) is created. Everything is
+vectorised over rows (no per-row Python loop) and runs on the input tensors' device; a bisection step
+reads one scalar back to the host (its loop bound).
 """
 
 from __future__ import annotations
@@ -77,19 +86,15 @@ class CodeIndex:
         log_mass: float64 [K] B_k = log Σ_{v∈k} exp(b_v) (log n_k without bias; -inf for empty codes).
         prefix_min_id: int64 [R] smallest token id in tokens[offsets[k] : i+1] (code k of entry i).
         max_count: Python int, the largest n_k.
-        unique_bias: float64 [U] the distinct bias values, ascending (None without a bias).
-        search_key: int64 [R] code·U + (U-1-rank of the bias among unique_bias): non-decreasing along
-            ``tokens``, so "how many tokens of code k have b >= x" is two 1-D searchsorted calls.
     """
 
     def __init__(self, *, num_codes, vocab_size, offsets, tokens, codes, sorted_bias, bias64, counts,
-                 max_bias, min_bias, prefix_min_id, max_count, unique_bias=None, search_key=None):
+                 max_bias, min_bias, prefix_min_id, max_count):
         self.num_codes, self.vocab_size = num_codes, vocab_size
         self.offsets, self.tokens, self.codes = offsets, tokens, codes
         self.sorted_bias, self.bias64 = sorted_bias, bias64
         self.counts, self.max_bias, self.min_bias = counts, max_bias, min_bias
         self.prefix_min_id, self.max_count = prefix_min_id, max_count
-        self.unique_bias, self.search_key = unique_bias, search_key
         self._weights_cache: dict[float, torch.Tensor] = {}
         self.log_mass = self.log_mass_at(1.0)
 
@@ -146,15 +151,9 @@ class CodeIndex:
         V = m.shape[0]
         rank_key = (num_codes - 1 - codes) * V
         prefix_min_id = torch.cummin(rank_key + ids, dim=0).values - rank_key
-        unique_bias = search_key = None
-        if bias is not None:
-            unique_bias = torch.unique(bias64)  # sorted ascending
-            U = unique_bias.shape[0]
-            search_key = codes * U + (U - 1 - torch.searchsorted(unique_bias, bias64))
         return cls(num_codes=num_codes, vocab_size=V, offsets=offsets, tokens=ids, codes=codes,
                    sorted_bias=sorted_bias, bias64=bias64, counts=counts, max_bias=max_bias,
-                   min_bias=min_bias, prefix_min_id=prefix_min_id, max_count=int(counts.max()),
-                   unique_bias=unique_bias, search_key=search_key)
+                   min_bias=min_bias, prefix_min_id=prefix_min_id, max_count=int(counts.max()))
 
     def to(self, device) -> "CodeIndex":
         """A copy of the index on another device."""
@@ -163,8 +162,7 @@ class CodeIndex:
                          tokens=move(self.tokens), codes=move(self.codes), sorted_bias=move(self.sorted_bias),
                          bias64=move(self.bias64), counts=move(self.counts), max_bias=move(self.max_bias),
                          min_bias=move(self.min_bias), prefix_min_id=move(self.prefix_min_id),
-                         max_count=self.max_count, unique_bias=move(self.unique_bias),
-                         search_key=move(self.search_key))
+                         max_count=self.max_count)
 
     def cumulative_weights(self, temperature: float) -> torch.Tensor:
         """G [R+1] float64: G[i] = Σ_{j<i} exp((b_j - maxb_{code(j)}) / T); O(R), cached per T.
@@ -214,84 +212,157 @@ def _floor_mid(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
 
 
-def _prefix_len(index: CodeIndex, z: torch.Tensor, sorted_bias: torch.Tensor | None, tau: torch.Tensor,
-                strict: bool) -> torch.Tensor:
-    """c[n, k] = #{tokens v of code k : z[n,k] + b_v (>|>=) tau[n]}, int64 [N, K].
+def _search(z: torch.Tensor, sorted_bias: torch.Tensor, tau: torch.Tensor, strict: bool,
+            lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """First position p in [lo, hi) (absolute, [N, K]) where z + b_p (>|>=) tau[n] fails.
 
-    The sum is evaluated in z's dtype exactly as the materialised logits are (bias cast to that dtype);
-    it is monotone in b_v, so the qualifying tokens form a prefix of the code's bias-sorted list, found
-    by a binary search vectorised over all (row, code) pairs: O(N·K·log n_max), no data-dependent sync.
+    Each [lo, hi) lies in one code's bias-descending list, where the qualifying entries form a prefix
+    (b -> z + b is monotone, also after rounding). The sum is evaluated in z's dtype exactly as the
+    materialised logits are. Vectorised binary search; its step count is the bit length of the widest
+    range (one host sync to read it).
     """
     t = tau.unsqueeze(-1)
-    counts = index.counts
-    if sorted_bias is None:  # all tokens of a code tie at z_k
-        hit = z > t if strict else z >= t
-        return torch.where(hit, counts, torch.zeros_like(counts))
-    start = index.offsets[:-1]
-    lo = start.expand_as(z).clone()
-    hi = (start + counts).expand_as(z).clone()
+    width = int((hi - lo).max()) if lo.numel() else 0
     last = sorted_bias.shape[0] - 1
-    for _ in range(index.max_count.bit_length()):
+    for _ in range(max(width, 0).bit_length()):
         active = lo < hi
         mid = (lo + hi) >> 1
         val = z + sorted_bias[mid.clamp(max=last)]
         ok = (val > t if strict else val >= t) & active
         lo = torch.where(ok, mid + 1, lo)
         hi = torch.where(active & ~ok, mid, hi)
-    return lo - start
+    return lo
 
 
-def _count(index: CodeIndex, zd: torch.Tensor, tau: torch.Tensor, strict: bool) -> torch.Tensor:
-    """float64 prefix lengths: #{v in code k : zd[n,k] + b_v (>|>=) tau[n]}, int64 [N, K]. Exact.
+def _prefix_len(index: CodeIndex, z: torch.Tensor, sorted_bias: torch.Tensor | None, tau: torch.Tensor,
+                strict: bool, low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> torch.Tensor:
+    """c[n, k] = #{tokens v of code k : z[n,k] + b_v (>|>=) tau[n]}, int64 [N, K]. Exact.
 
-    Fast path: x = tau - z_k (rounded), count b >= x with two 1-D searchsorted calls on the index's
-    composite key, then verify the boundary against the exact float64 sums (the prefix property makes
-    two checks per (row, code) sufficient). Only if rounding of x misplaced a boundary somewhere (data
-    values within an ulp of the threshold) is the exact binary search (:func:`_prefix_len`) run.
+    ``low <= c <= high`` (when known) narrows the search. Without a bias all tokens of a code tie at
+    z_k, so c is 0 or n_k. O(N·K·log(high - low)).
     """
-    if not index.has_bias:
-        return _prefix_len(index, zd, None, tau, strict)
-    t = tau.unsqueeze(-1)
-    if strict:  # fl(z + b) > t  <=>  fl(z + b) >= nextafter(t, +inf)
-        t = torch.nextafter(t, torch.full_like(t, float("inf")))
-    U = index.unique_bias.shape[0]
-    below = torch.searchsorted(index.unique_bias, (t - zd).contiguous())        # distinct values < x
-    code_ids = torch.arange(index.num_codes, device=zd.device)
-    end = torch.searchsorted(index.search_key, code_ids * U + (U - 1 - below), right=True)
-    start, R = index.offsets[:-1], index.num_tokens
-    count = end - start
-    inside_ok = (count == 0) | (zd + index.bias64[(end - 1).clamp(min=0)] >= t)
-    outside_ok = (count == index.counts) | (zd + index.bias64[end.clamp(max=R - 1)] < t)
-    if bool((inside_ok & outside_ok).all()):
-        return count
-    return _prefix_len(index, zd, index.bias64, tau, strict)
-
-
-def _kept_mass(index: CodeIndex, zd: torch.Tensor, counts: torch.Tensor, G: torch.Tensor,
-               shift: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[N, K] float64: Σ over the first counts[n,k] tokens of code k of exp((z_k + b_v - shift_n) / T)."""
+    counts = index.counts
+    if sorted_bias is None:
+        t = tau.unsqueeze(-1)
+        hit = z > t if strict else z >= t
+        return torch.where(hit, counts, torch.zeros_like(counts))
     start = index.offsets[:-1]
-    seg = G[start + counts] - G[start]
-    return torch.exp((zd + index.max_bias - shift.unsqueeze(-1)) / temperature) * seg
+    lo = (start + (0 if low is None else low)).expand_as(z)
+    hi = (start + (counts if high is None else high)).expand_as(z)
+    return _search(z, sorted_bias, tau, strict, lo, hi) - start
 
 
-def _bisect(lo: torch.Tensor, hi: torch.Tensor, pred, *, want_max_true: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bisection over float64 keys (int64, see _to_key), vectorised over rows; <= 64 steps.
+def _code_scale(index: CodeIndex, zd: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
+    """exp((z_k + maxb_k - shift_n) / T), float64 [N, K]; 0 for empty codes."""
+    return torch.exp((zd + index.max_bias - shift.unsqueeze(-1)) / temperature)
 
-    want_max_true: pred true at lo, false at hi (monotone) -> lo ends at the largest true key.
-    otherwise:     pred false at lo, true at hi               -> hi ends at the smallest true key.
+
+def _code_masses(index: CodeIndex, scale: torch.Tensor, counts: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """[N, K]: Σ over the first counts[n,k] tokens of code k of exp((z_k + b_v - shift_n) / T)."""
+    start = index.offsets[:-1]
+    return scale * (G[start + counts] - G[start])
+
+
+def _kth_largest(vals: torch.Tensor, mult: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """r[n]-th largest value (counted with multiplicity ``mult``) of rows ``vals`` sorted descending."""
+    idx = (mult.cumsum(-1) < r.unsqueeze(-1)).sum(-1).clamp(max=vals.shape[-1] - 1)
+    return vals.gather(1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def _smallest_light(vals: torch.Tensor, weights: torch.Tensor, base: torch.Tensor, target: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest entry v of ``vals`` (rows sorted descending, -inf padding of weight 0) whose mass strictly
+    above, base + Σ{weights of entries > v}, is < target. Returns (found [N] bool, v [N])."""
+    N, M = vals.shape
+    before = torch.cat([weights.new_zeros(N, 1), weights.cumsum(-1)[:, :-1]], dim=-1)
+    idx = torch.arange(M, device=vals.device)
+    new_run = torch.ones_like(vals, dtype=torch.bool)
+    new_run[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    run_start = torch.where(new_run, idx, torch.zeros_like(idx)).cummax(-1).values
+    above = base.unsqueeze(-1) + before.gather(1, run_start)                  # non-decreasing
+    light = (above < target.unsqueeze(-1)) & (vals > float("-inf"))           # hence a prefix
+    n = light.sum(-1)
+    return n > 0, vals.gather(1, (n - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def _endgame_size(index: CodeIndex) -> int:
+    """Bisection stops once a row's bracket holds at most this many tokens; they are then listed
+    (and sorted) in an [N, size] tensor: O(N·K) memory, capped where sorting costs more than bisecting."""
+    return max(16, min(4 * index.num_codes, 1024))
+
+
+_VALUE_STEPS = 32
+
+
+def _bracket(index: CodeIndex, zd: torch.Tensor, lo, hi, c_lo, c_hi, strict: bool, goes_low, endgame: int):
+    """Shrink the per-row key bracket [lo, hi] (float64 keys) by bisection, tracking the prefix counts
+    at both ends (c_lo >= c_hi, so each count search only scans the window [c_hi, c_lo) of every code),
+    until each row has converged (hi = lo + 1) or its window holds <= endgame tokens.
+    goes_low(c_mid) -> bool [N]: mid becomes the new lo. The first _VALUE_STEPS steps split the value
+    range in half (each roughly halves the window), later ones the key range (exact convergence in
+    <= 64 more steps). One host sync per step.
     """
-    check_every = 8 if lo.is_cuda else 1  # a convergence check is a host sync on GPUs
-    for step in range(64):
-        mid = _floor_mid(lo, hi)
-        if step % check_every == 0 and bool((mid == lo).all()):
+    start = index.offsets[:-1]
+    for step in range(_VALUE_STEPS + 64):
+        key_mid = _floor_mid(lo, hi)
+        live = (key_mid != lo) & ((c_lo - c_hi).sum(-1) > endgame)
+        if not bool(live.any()):
             break
-        ok = pred(_from_key(mid))
-        if want_max_true:
-            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-        else:
-            lo, hi = torch.where(ok, lo, mid), torch.where(ok, mid, hi)
-    return lo, hi
+        mid = key_mid
+        if step < _VALUE_STEPS:
+            value_mid = _to_key(_from_key(lo) * 0.5 + _from_key(hi) * 0.5)
+            mid = torch.where((value_mid > lo) & (value_mid < hi), value_mid, key_mid)
+        first = start + c_hi
+        last = torch.where(live.unsqueeze(-1), start + c_lo, first)  # finished rows: nothing to scan
+        c_mid = _search(zd, index.bias64, _from_key(mid), strict, first, last) - start
+        low = live & goes_low(c_mid)
+        high = live & ~low
+        lo, c_lo = torch.where(low, mid, lo), torch.where(low.unsqueeze(-1), c_mid, c_lo)
+        hi, c_hi = torch.where(high, mid, hi), torch.where(high.unsqueeze(-1), c_mid, c_hi)
+    return lo, hi, c_lo, c_hi, _floor_mid(lo, hi) == lo
+
+
+def _window_values(index: CodeIndex, zd: torch.Tensor, first: torch.Tensor, size: torch.Tensor, width: int
+                   ) -> torch.Tensor:
+    """Logits of the tokens at positions [first, first + size) of every code (row totals <= width),
+    sorted descending into [N, width] with -inf padding."""
+    N, K = zd.shape
+    ends = size.cumsum(-1)
+    slot = torch.arange(width, device=zd.device).expand(N, width).contiguous()
+    code = torch.searchsorted(ends, slot, right=True).clamp(max=K - 1)
+    pos = first.gather(1, code) + slot - (ends.gather(1, code) - size.gather(1, code))
+    vals = zd.gather(1, code) + index.bias64[pos.clamp(0, index.num_tokens - 1)]
+    vals = torch.where(slot < ends[:, -1:], vals, torch.full_like(vals, float("-inf")))
+    return vals.sort(dim=-1, descending=True).values
+
+
+def _candidate_shape(index: CodeIndex, top_k: int) -> tuple[int, int]:
+    return min(top_k, index.num_codes), min(top_k, index.max_count)
+
+
+def _use_candidates(index: CodeIndex, top_k: int) -> bool:
+    """Small top-k: the first k tokens of the k best codes hold the threshold; used while that
+    candidate tensor [N, min(k, K)·min(k, n_max)] stays O(N·K) (<= 4·N·K)."""
+    codes, per_code = _candidate_shape(index, top_k)
+    return codes * per_code <= 4 * index.num_codes
+
+
+def _candidates(index: CodeIndex, zd: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Logits of the first min(k, n_c) tokens of the k codes with the largest best logit, sorted
+    descending [N, M]. Every token whose logit exceeds the k-th largest logit tau_k is among them (its
+    code's best beats all but < k codes' bests, and < k tokens of its code precede it), and so are >= k
+    tokens >= tau_k: tau_k is the k-th candidate and every mass above a candidate value >= tau_k is a
+    sum over candidates. Only tokens tied AT tau_k may be missing (counted exactly elsewhere)."""
+    N = zd.shape[0]
+    n_codes, per_code = _candidate_shape(index, top_k)
+    neg_inf = torch.tensor(float("-inf"), dtype=zd.dtype, device=zd.device)
+    code_best = torch.where(index.counts > 0, zd + index.max_bias, neg_inf)
+    top_codes = code_best.topk(n_codes, dim=-1).indices                       # [N, n_codes]
+    j = torch.arange(per_code, device=zd.device)
+    valid = j < index.counts[top_codes].unsqueeze(-1)                          # [N, n_codes, per_code]
+    pos = torch.where(valid, index.offsets[top_codes].unsqueeze(-1) + j, torch.zeros_like(j))
+    cand = torch.where(valid, zd.gather(1, top_codes).unsqueeze(-1) + index.bias64[pos], neg_inf)
+    return cand.reshape(N, -1).sort(dim=-1, descending=True).values
 
 
 def _check_args(temperature: float, top_k: int, top_p: float) -> None:
@@ -311,86 +382,89 @@ def _row_range(index: CodeIndex, zd: torch.Tensor) -> tuple[torch.Tensor, torch.
     return hi, lo
 
 
-def _candidate_shape(index: CodeIndex, top_k: int) -> tuple[int, int]:
-    return min(top_k, index.num_codes), min(top_k, index.max_count)
-
-
-def _use_candidates(index: CodeIndex, top_k: int) -> bool:
-    """Small top-k: the first k tokens of the k best codes hold the threshold; used while that
-    candidate tensor [N, min(k, K)·min(k, n_max)] stays O(N·K) (<= 4·N·K)."""
-    codes, per_code = _candidate_shape(index, top_k)
-    return codes * per_code <= 4 * index.num_codes
-
-
-def _candidate_threshold(index: CodeIndex, zd: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                         max_l: torch.Tensor) -> torch.Tensor:
-    """tau for top-k (then top-p) from candidates: the first min(k, n_c) tokens of the k codes with the
-    largest best logit. Every token with a logit above the k-th largest logit tau_k is a candidate (its
-    code's best logit beats all but < k codes' and it is among its code's first k), so tau_k is the k-th
-    largest candidate and the top-p masses above any candidate value >= tau_k are sums over candidates;
-    only the tokens tied AT tau_k may lie outside, and they are counted exactly (_count).
-    """
-    N = zd.shape[0]
-    n_codes, per_code = _candidate_shape(index, top_k)
-    neg_inf = torch.tensor(float("-inf"), dtype=zd.dtype, device=zd.device)
-    code_best = torch.where(index.counts > 0, zd + index.max_bias, neg_inf)
-    top_codes = code_best.topk(n_codes, dim=-1).indices                       # [N, n_codes]
-    j = torch.arange(per_code, device=zd.device)
-    valid = j < index.counts[top_codes].unsqueeze(-1)                          # [N, n_codes, per_code]
-    pos = torch.where(valid, index.offsets[top_codes].unsqueeze(-1) + j, torch.zeros_like(j))
-    cand = torch.where(valid, zd.gather(1, top_codes).unsqueeze(-1) + index.bias64[pos], neg_inf)
-    vals = cand.reshape(N, -1).sort(dim=-1, descending=True).values
-    tau_k = vals[:, top_k - 1]
-    if top_p >= 1.0:
-        return tau_k
-    w = torch.exp((vals - max_l.unsqueeze(-1)) / temperature)                 # -inf -> 0
-    excl = torch.cat([w.new_zeros(N, 1), w.cumsum(-1)[:, :-1]], dim=-1)       # mass before each slot
-    idx = torch.arange(vals.shape[1], device=zd.device)
-    new_run = torch.cat([torch.ones_like(vals[:, :1], dtype=torch.bool), vals[:, 1:] != vals[:, :-1]], -1)
-    run_start = torch.where(new_run, idx, torch.zeros_like(idx)).cummax(-1).values
-    mass_gt = excl.gather(1, run_start)                                        # mass strictly above
-    n_at_tau = (_count(index, zd, tau_k, strict=False) - _count(index, zd, tau_k, strict=True)).sum(-1)
-    total = (w * (vals > tau_k.unsqueeze(-1))).sum(-1) + \
-        n_at_tau.to(zd.dtype) * torch.exp((tau_k - max_l) / temperature)
-    keep = (mass_gt < top_p * total.unsqueeze(-1)) & (vals >= tau_k.unsqueeze(-1))  # a prefix
-    last = (keep.sum(-1) - 1).clamp(min=0)
-    return vals.gather(1, last.unsqueeze(-1)).squeeze(-1)
+def _kept_counts_no_bias(index: CodeIndex, zd: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                         shift: torch.Tensor) -> torch.Tensor:
+    """Without a bias a code's tokens tie: the whole filter is a sort of the K code logits."""
+    neg_inf = torch.full_like(zd, float("-inf"))
+    vals, order = torch.where(index.counts > 0, zd, neg_inf).sort(dim=-1, descending=True)
+    mult = index.counts[order]
+    tau = torch.full_like(shift, float("-inf"))
+    if 0 < top_k < index.num_tokens:
+        tau = _kth_largest(vals, mult, torch.full_like(tau, top_k, dtype=torch.int64))
+    if top_p < 1.0:
+        inside = vals >= tau.unsqueeze(-1)
+        weights = torch.where(inside, mult * torch.exp((vals - shift.unsqueeze(-1)) / temperature),
+                              torch.zeros_like(vals))
+        found, v = _smallest_light(torch.where(inside, vals, neg_inf), weights, torch.zeros_like(tau),
+                                   top_p * weights.sum(-1))
+        tau = torch.where(found, v, vals[:, 0])
+    return _prefix_len(index, zd, None, tau, strict=False)
 
 
 def _kept_counts(index: CodeIndex, zd: torch.Tensor, temperature: float, top_k: int, top_p: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (row, code) number of kept tokens after top-k / top-p, and the row's max logit (shift).
+    """Per (row, code) number of kept tokens after top-k then top-p, and each row's max logit (shift).
 
-    The kept set of each row is {v : l_v >= tau}. tau comes from the candidate set for a small top-k,
-    otherwise from bisection over float64 keys: the k-th largest logit (largest t with
-    #{l >= t} >= k), then the smallest t >= it with mass{l > t} < top_p · mass{l >= tau_k}.
+    The kept set of a row is {v : l_v >= tau}. With a bias, tau_k (k-th largest logit) is read off
+    the candidates for a small k, otherwise bracketed by bisection over float64 keys (largest t with
+    #{l >= t} >= k) and finished exactly by listing the <= 4K tokens left in the bracket; top-p then
+    brackets the smallest t >= tau_k with mass{l > t} < top_p · mass{l >= tau_k} the same way.
     """
     R = index.num_tokens
     max_l, min_l = _row_range(index, zd)
-    filter_k = 0 < top_k < R
-    filter_p = top_p < 1.0
+    filter_k, filter_p = 0 < top_k < R, top_p < 1.0
     if not (filter_k or filter_p):
         return index.counts.expand_as(zd), max_l
+    sb = index.bias64 if index.has_bias else None
+    if top_p == 0.0:  # "at least one token": the top tie group
+        return _prefix_len(index, zd, sb, max_l, strict=False), max_l
+    if sb is None:
+        return _kept_counts_no_bias(index, zd, temperature, top_k, top_p, max_l), max_l
+    G = index.cumulative_weights(temperature)
+    scale = _code_scale(index, zd, max_l, temperature)
+    endgame = _endgame_size(index)
+    zeros = torch.zeros_like(index.counts).expand_as(zd)
     if filter_k and _use_candidates(index, top_k):
-        tau = _candidate_threshold(index, zd, temperature, top_k, top_p, max_l)
-        return _count(index, zd, tau, strict=False), max_l
-    tau = min_l
+        cand = _candidates(index, zd, top_k)
+        tau = cand[:, top_k - 1]
+        c_k = _prefix_len(index, zd, sb, tau, strict=False)
+        if filter_p:
+            inside = cand >= tau.unsqueeze(-1)
+            weights = torch.where(inside, torch.exp((cand - max_l.unsqueeze(-1)) / temperature),
+                                  torch.zeros_like(cand))
+            target = top_p * _code_masses(index, scale, c_k, G).sum(-1)
+            found, v = _smallest_light(torch.where(inside, cand, torch.full_like(cand, float("-inf"))),
+                                       weights, torch.zeros_like(tau), target)
+            tau = torch.where(found, v, cand[:, 0])
+            c_k = _prefix_len(index, zd, sb, tau, strict=False, high=c_k)
+        return c_k, max_l
     if filter_k:
-        def enough(t):  # at least k tokens with logit >= t
-            return _count(index, zd, t, strict=False).sum(-1) >= top_k
-        lo, _ = _bisect(_to_key(min_l), _to_key(max_l) + 1, enough, want_max_true=True)
-        tau = _from_key(lo)  # the k-th largest logit
-    if filter_p:
-        G = index.cumulative_weights(temperature)
-        target = top_p * _kept_mass(index, zd, _count(index, zd, tau, strict=False), G, max_l,
-                                    temperature).sum(-1)
-
-        def light(t):  # mass strictly above t is < top_p of the (top-k) kept mass
-            return _kept_mass(index, zd, _count(index, zd, t, strict=True), G, max_l,
-                              temperature).sum(-1) < target
-        _, hi = _bisect(_to_key(tau) - 1, _to_key(max_l), light, want_max_true=False)
-        tau = torch.maximum(tau, _from_key(hi))
-    return _count(index, zd, tau, strict=False), max_l
+        lo, hi, c_lo, c_hi, done = _bracket(
+            index, zd, _to_key(min_l), _to_key(max_l) + 1, index.counts.expand_as(zd), zeros, False,
+            lambda c: c.sum(-1) >= top_k, endgame)
+        # bracket [lo, hi): c_lo - c_hi tokens with lo <= l < hi; tau_k is the (k - #{l >= hi})-th of them
+        window = _window_values(index, zd, index.offsets[:-1] + c_hi,
+                                torch.where(done.unsqueeze(-1), zeros, c_lo - c_hi), endgame)
+        tau = torch.where(done, _from_key(lo),
+                          _kth_largest(window, (window > float("-inf")).long(), top_k - c_hi.sum(-1)))
+        c_k = _prefix_len(index, zd, sb, tau, strict=False, low=c_hi, high=c_lo)
+    else:
+        tau, c_k = min_l, index.counts.expand_as(zd)
+    if not filter_p:
+        return c_k, max_l
+    target = top_p * _code_masses(index, scale, c_k, G).sum(-1)
+    # P(t) = mass{l > t} < target: false just below tau_k (c_gt = c_k), true at max_l (p > 0).
+    lo, hi, c_lo, c_hi, done = _bracket(
+        index, zd, _to_key(tau) - 1, _to_key(max_l), c_k, zeros, True,
+        lambda c: _code_masses(index, scale, c, G).sum(-1) >= target, endgame)
+    # bracket (lo, hi]: c_lo - c_hi tokens with lo < l <= hi; the answer is the smallest light one,
+    # else hi itself ({l >= hi} is then exactly the kept set).
+    window = _window_values(index, zd, index.offsets[:-1] + c_hi,
+                            torch.where(done.unsqueeze(-1), zeros, c_lo - c_hi), endgame)
+    found, v = _smallest_light(window, torch.exp((window - max_l.unsqueeze(-1)) / temperature),
+                               _code_masses(index, scale, c_hi, G).sum(-1), target)
+    tau = torch.where(found & ~done, v, _from_key(hi))
+    return _prefix_len(index, zd, sb, tau, strict=False, low=c_hi, high=c_lo), max_l
 
 
 def _uniforms(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -457,7 +531,7 @@ def vq_sample(z: torch.Tensor, index: CodeIndex, *, temperature: float = 1.0, to
         return torch.empty(shape, dtype=torch.int64, device=z.device)
     counts, shift = _kept_counts(index, zd, temperature, int(top_k), float(top_p))
     G = index.cumulative_weights(temperature)
-    mass = _kept_mass(index, zd, counts, G, shift, temperature)        # [N, K]
+    mass = _code_masses(index, _code_scale(index, zd, shift, temperature), counts, G)   # [N, K]
     u = _uniforms(N, generator, zd.device)
     cdf = mass.cumsum(-1)
     code = torch.searchsorted(cdf, (u[:, 0] * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)

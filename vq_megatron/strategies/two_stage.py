@@ -56,8 +56,8 @@ def dense_output_embeddings(path: str | Path, tag: str | None = None) -> torch.T
     states = load_module_states(path, tag)
     key = "output_layer.weight"
     if key not in states[0]:
-        if "embedding.word_embeddings.weight" in states[0] and not any(k.startswith("output_layer.") and
-                                                                        k.endswith("weight") for k in states[0]):
+        if "embedding.word_embeddings.weight" in states[0] and not any(k.startswith("output_layer.")
+                                                                        for k in states[0]):
             key = "embedding.word_embeddings.weight"   # tied dense model: the output rows are the input rows
         else:
             raise KeyError(f"{checkpoint_dir(path, tag)} has no output_layer.weight: not a dense GPTModel "

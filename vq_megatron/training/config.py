@@ -14,7 +14,8 @@ import yaml
 
 from vq_megatron.integration.model import ModelConfig
 
-__all__ = ["ParallelConfig", "DataConfig", "OptimConfig", "TrainingConfig", "RunConfig", "load_run_config"]
+__all__ = ["ParallelConfig", "DataConfig", "OptimConfig", "TrainingConfig", "RunConfig", "load_run_config",
+           "run_config_from_dict"]
 
 
 @dataclass
@@ -190,6 +191,11 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
             raise ValueError(f"{path}: top level must be a mapping of sections")
     for assignment in overrides:
         _apply_override(raw, assignment)
+    return run_config_from_dict(raw)
+
+
+def run_config_from_dict(raw: dict) -> RunConfig:
+    """Build and validate every section from a mapping (a parsed YAML, or a run's config.json)."""
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(_SECTIONS)}")

@@ -17,6 +17,7 @@ from vq_megatron.integration.distributed import init_parallel, local_device
 from vq_megatron.integration.model import build_gpt_model
 from vq_megatron.training.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
 from vq_megatron.training.config import RunConfig
+from vq_megatron.training.evaluation import perplexities, windows_nll
 from vq_megatron.integration.tensor_files import load_tensor_file
 from vq_megatron.layers import VQOutputLayer
 from vq_megatron.training.data import (Batch, build_train_dataset, causal_mask, check_token_range,
@@ -159,29 +160,20 @@ def evaluate(engine, cfg: RunConfig, device, max_tokens: int | None = None) -> d
     max_tokens caps each set (default data.eval_tokens; 0 = all)."""
     from megatron.core import parallel_state as ps
 
-    dp_group, dp_rank, dp = ps.get_data_parallel_group(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    seq, mb = cfg.model.seq_length, cfg.training.micro_batch_size
-    mask = causal_mask(seq, device)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     engine.eval()
     results = {}
     for name, prefix in cfg.data.eval_sets.items():
         cap = cfg.data.eval_tokens if max_tokens is None else max_tokens
-        windows = eval_windows(prefix, seq, cap)[dp_rank::dp]
-        totals = torch.zeros(2, dtype=torch.float64, device=device)   # nll sum, token count
-        for start in range(0, windows.shape[0], mb):
-            w = windows[start:start + mb].to(device)
-            positions = torch.arange(seq, device=device).expand(w.shape[0], seq)
-            per_token = engine(w[:, :-1], positions, mask, labels=w[:, 1:])
-            totals += torch.stack([per_token.double().sum(), torch.tensor(per_token.numel(), device=device)])
-        dist.all_reduce(totals, group=dp_group)
-        nll, count = float(totals[0]), float(totals[1])
-        results[f"{name}_loss"] = nll / count
-        results[f"{name}_ppl"] = math.exp(nll / count)
-        words = read_meta(prefix).get("words")
-        tokens_total = read_meta(prefix).get("tokens")
-        if words and tokens_total:
-            # Words covered by the evaluated tokens (all of them unless data.eval_tokens truncates).
-            results[f"{name}_word_ppl"] = math.exp(nll / (words * count / tokens_total))
+        windows = eval_windows(prefix, cfg.model.seq_length, cap)
+        nll, count = windows_nll(engine, windows[dp_rank::dp], micro_batch_size=cfg.training.micro_batch_size,
+                                 device=device, group=ps.get_data_parallel_group())
+        meta = read_meta(prefix)
+        words = None
+        if meta.get("words") and meta.get("tokens"):
+            # Words covered by the evaluated tokens (all of them unless an eval cap truncates the set).
+            words = meta["words"] * count / meta["tokens"]
+        results.update(perplexities(name, nll, count, words))
     engine.train()
     return results
 

@@ -1,0 +1,115 @@
+"""Load a trained run (config.json + DeepSpeed checkpoint) into a megatron GPT at any TP size.
+
+DeepSpeed writes one mp_rank_XX_model_states.pt per TP rank. Tensors that megatron marks
+tensor_model_parallel are concatenated along their partition dim and re-split for the new TP size;
+vocabulary-sharded tensors are re-padded (Megatron pads V to a multiple of 128·TP), with padded map slots
+set to -1. Gated MLPs (SwiGLU), whose shards interleave two halves, are not resharded: load them at the
+training TP size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vq_megatron.training.checkpoint import CheckpointError, latest_complete_tag, verify_checkpoint
+from vq_megatron.training.config import RunConfig, run_config_from_dict
+
+__all__ = ["read_run_config", "init_inference_parallel", "load_trained_model", "reshard_state_dict",
+           "load_tokenizer"]
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a training run directory")
+    return run_config_from_dict(json.loads(path.read_text()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_inference_parallel(tensor_parallel: int | None = None) -> int:
+    """torch.distributed + megatron groups for inference: TP = world size (one process works too)."""
+    from vq_megatron.integration.distributed import init_parallel
+
+    if "RANK" not in os.environ:   # plain `python -m ...`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    tp = tensor_parallel or int(os.environ["WORLD_SIZE"])
+    init_parallel(tensor_parallel=tp)
+    return tp
+
+
+def _resize_rows(full: torch.Tensor, rows: int, fill) -> torch.Tensor:
+    out = full.new_full((rows, *full.shape[1:]), fill)
+    n = min(rows, full.shape[0])
+    out[:n] = full[:n]
+    return out
+
+
+def reshard_state_dict(shards: list[dict], model: torch.nn.Module, tp_rank: int, tp_size: int) -> dict:
+    """This rank's state dict for `model` (built at tp_size) from the checkpoint's per-TP-rank shards."""
+    out = {}
+    for name, target in model.state_dict(keep_vars=True).items():
+        if name not in shards[0]:
+            raise CheckpointError(f"checkpoint has no entry for {name}: was it written by another model?")
+        pieces = [shard[name] for shard in shards]
+        if target is None or pieces[0] is None:
+            out[name] = pieces[0]
+            continue
+        is_map = name.endswith("output_layer.token_to_code")
+        dim = 0 if is_map else (target.partition_dim if getattr(target, "tensor_model_parallel", False) else None)
+        if dim is None:
+            out[name] = pieces[0]
+            continue
+        full = torch.cat(pieces, dim=dim).movedim(dim, 0)
+        full = _resize_rows(full, target.shape[dim] * tp_size, -1 if is_map else 0)
+        out[name] = full.chunk(tp_size, dim=0)[tp_rank].movedim(0, dim).contiguous()
+    return out
+
+
+def load_trained_model(run_dir: str | Path, *, tag: str | None = None, device=None):
+    """(model in eval mode, run config, tag). Call init_inference_parallel() first."""
+    from megatron.core import parallel_state as ps
+
+    from vq_megatron.integration.model import build_gpt_model
+
+    cfg = read_run_config(run_dir)
+    tag = tag or latest_complete_tag(run_dir)
+    if tag is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint (no latest_complete file)")
+    verify_checkpoint(run_dir, tag)
+    files = sorted((Path(run_dir) / tag).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{Path(run_dir) / tag} has no mp_rank_*_model_states.pt files")
+    # The map, codebook and bias come from the checkpoint: build the head without data-dependent init.
+    model_cfg = cfg.model
+    if model_cfg.output_layer == "vq":
+        model_cfg.vq = {**model_cfg.vq, "map_init": "random", "codebook_init": "normal", "bias_init": "zeros"}
+        model_cfg.vq_init_embeddings = ""
+    tp = ps.get_tensor_model_parallel_world_size()
+    model = build_gpt_model(model_cfg, tensor_parallel=tp)
+    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    model.load_state_dict(reshard_state_dict(shards, model, ps.get_tensor_model_parallel_rank(), tp))
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), cfg, tag
+
+
+def load_tokenizer(cfg: RunConfig):
+    """The run's sentencepiece tokenizer (data.tokenizer_model)."""
+    from vq_megatron.data.tokenizers import load_sentencepiece
+
+    path = cfg.data.tokenizer_model
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"the run's data.tokenizer_model {path!r} is not a file: pass --tokenizer-model")
+    return load_sentencepiece(path)
