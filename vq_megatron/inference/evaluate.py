@@ -59,23 +59,16 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from vq_megatron.data.c4_reader import DocumentReader
-    from vq_megatron.integration.distributed import local_device, shutdown_parallel
-    from vq_megatron.inference.loading import init_inference_parallel, load_tokenizer, load_trained_model
+    from vq_megatron.inference.loading import trained_run
 
-    init_inference_parallel()
-    try:
-        device = local_device()
-        model, cfg, tag = load_trained_model(args.run_dir, tag=args.tag, device=device)
-        if args.tokenizer_model:
-            cfg.data.tokenizer_model = args.tokenizer_model
-        result = evaluate_texts(model, load_tokenizer(cfg), DocumentReader(args.input, on_error=args.on_error),
+    with trained_run(args.run_dir, tag=args.tag, tokenizer_model=args.tokenizer_model) as (
+            model, cfg, tag, tokenizer, device):
+        result = evaluate_texts(model, tokenizer, DocumentReader(args.input, on_error=args.on_error),
                                 seq_length=cfg.model.seq_length, micro_batch_size=args.micro_batch_size,
                                 max_tokens=args.max_tokens, device=device)
         if dist.get_rank() == 0:
             result = {"run": str(args.run_dir), "checkpoint": tag, "output_layer": cfg.model.output_layer, **result}
             print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
-    finally:
-        shutdown_parallel()
     return 0
 
 

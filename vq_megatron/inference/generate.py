@@ -75,28 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from vq_megatron.integration.distributed import local_device, shutdown_parallel
-    from vq_megatron.inference.loading import init_inference_parallel, load_tokenizer, load_trained_model
+    import torch.distributed as dist
 
-    init_inference_parallel()
-    try:
-        device = local_device()
-        model, cfg, tag = load_trained_model(args.run_dir, tag=args.tag, device=device)
-        if args.tokenizer_model:
-            cfg.data.tokenizer_model = args.tokenizer_model
-        tokenizer = load_tokenizer(cfg)
+    from vq_megatron.inference.loading import trained_run
+
+    with trained_run(args.run_dir, tag=args.tag, tokenizer_model=args.tokenizer_model) as (
+            model, cfg, tag, tokenizer, device):
         ids = generate_ids(model, tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
                            seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            greedy=args.greedy, seed=args.seed,
                            eod_id=tokenizer.eod_id if args.stop_at_eod else None, device=device)
-        import torch.distributed as dist
-
         if dist.get_rank() == 0:
             print(f"[generate] {args.run_dir} ({cfg.model.output_layer} head, checkpoint {tag})")
             print(tokenizer.decode(ids))
-    finally:
-        shutdown_parallel()
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from vq_megatron.training.checkpoint import CheckpointError, latest_complete_tag
 from vq_megatron.training.config import RunConfig, run_config_from_dict
 
 __all__ = ["read_run_config", "init_inference_parallel", "load_trained_model", "reshard_state_dict",
-           "load_tokenizer"]
+           "load_tokenizer", "trained_run"]
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
@@ -113,3 +114,19 @@ def load_tokenizer(cfg: RunConfig):
     if not path or not Path(path).is_file():
         raise FileNotFoundError(f"the run's data.tokenizer_model {path!r} is not a file: pass --tokenizer-model")
     return load_sentencepiece(path)
+
+
+@contextmanager
+def trained_run(run_dir: str | Path, *, tag: str | None = None, tokenizer_model: str | None = None):
+    """Process groups + (model, config, tag, tokenizer, device) of a run; tears the groups down after."""
+    from vq_megatron.integration.distributed import local_device, shutdown_parallel
+
+    init_inference_parallel()
+    try:
+        device = local_device()
+        model, cfg, tag = load_trained_model(run_dir, tag=tag, device=device)
+        if tokenizer_model:
+            cfg.data.tokenizer_model = tokenizer_model
+        yield model, cfg, tag, load_tokenizer(cfg), device
+    finally:
+        shutdown_parallel()
