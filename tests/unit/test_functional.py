@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vq_megatron.functional import vq_cross_entropy, vq_logits
+from tensor_probe import LargestOutput
 
 IGNORE = -100
 
@@ -121,25 +121,12 @@ def test_second_backward_with_retained_graph_is_unchanged():
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
-class _LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_never_materialises_n_by_v(bias):
     """Every tensor produced in forward AND backward is O(N·K + V), far below N×V."""
     N, d, V, K = 256, 16, 4096, 8
     h, C, m, b, y = make_inputs((N,), d, V, K, torch.float32, bias)
-    probe = _LargestOutput()
+    probe = LargestOutput()
     with probe:
         loss = vq_cross_entropy(h, C, m, y, b, label_smoothing=0.1, z_loss=1e-4)
         loss.backward()

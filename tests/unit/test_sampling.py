@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vq_megatron.ops import sampling
 from vq_megatron.ops.clusters import code_log_mass
 from vq_megatron.ops.sampling import CodeIndex, vq_filtered_probs, vq_greedy, vq_sample
 from vq_megatron.ops.scatter import scatter_code_logits
+from tensor_probe import LargestOutput
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -305,19 +305,6 @@ def test_sampling_is_deterministic_and_shapes():
         vq_sample(z, index, temperature=-1.0)
 
 
-class _LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_never_materialises_n_by_v(bias):
     N, V, K = 64, 4096, 16
@@ -325,7 +312,7 @@ def test_never_materialises_n_by_v(bias):
     m = torch.randint(0, K, (V,), generator=g)
     b = torch.randn(V, generator=g) if bias else None
     z = torch.randn(N, K, generator=g)
-    probe = _LargestOutput()
+    probe = LargestOutput()
     with probe:
         index = CodeIndex.build(m, K, b)
         vq_sample(z, index, generator=g)
