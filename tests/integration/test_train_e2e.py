@@ -58,11 +58,12 @@ def _summary(run_dir, name="summary.json"):
     return json.loads((Path(run_dir) / name).read_text())
 
 
-@pytest.mark.parametrize("head", ["dense", "vq"])
-def test_training_under_deepspeed_launcher_lowers_the_loss(data, tmp_path, head):
+@pytest.mark.parametrize("head,zero", [("dense", 2), ("vq", 0)])   # ZeRO-1 runs in the resume test below
+def test_training_under_deepspeed_launcher_lowers_the_loss(data, tmp_path, head, zero):
     # Zero-initialised bias: the VQ run starts at ln V like the dense one (unigram init would start lower).
     out = _deepspeed(data, tmp_path / head, f"model.output_layer={head}", "training.steps=30",
                      "model.vq.map_init=random", "model.vq.bias_init=zeros",
+                     f"training.deepspeed_config=configs/deepspeed/zero{zero}_fp32.json",
                      "training.eval_interval=10", "training.save_interval=10", "training.keep_last=2",
                      port=29611 if head == "dense" else 29612)
     assert "[rank 0/2]" in out and "[rank 1/2]" in out and "tp_rank=1/2" in out
