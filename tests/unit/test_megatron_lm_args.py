@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 from types import SimpleNamespace
 
@@ -198,30 +196,6 @@ def model_args(*argv, **overrides) -> SimpleNamespace:
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def parallel():
-    from vq_megatron.integration.distributed import init_parallel, shutdown_parallel
-
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0")
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    init_parallel(tensor_parallel=1, backend="gloo")
-    yield
-    shutdown_parallel()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def test_dense_model_provider_builds_gpt_model(parallel):

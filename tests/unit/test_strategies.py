@@ -1,8 +1,5 @@
 """Adaptive softmax head, two-stage head conversion and in-training re-clustering (issue 6)."""
 
-import math
-import os
-import socket
 
 import pytest
 import torch
@@ -57,29 +54,6 @@ def test_adaptive_head_ignores_masked_labels_and_checks_range():
     with pytest.raises(ValueError, match="cutoffs"):
         AdaptiveSoftmaxHead(4, 20, cutoffs=[25])
     assert default_cutoffs(8000) == [1000, 4000]
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def parallel():
-    from vq_megatron.integration.distributed import init_parallel, shutdown_parallel
-
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    init_parallel(tensor_parallel=1, backend="gloo")
-    yield
-    shutdown_parallel()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _model_cfg(**kw):

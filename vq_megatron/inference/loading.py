@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from vq_megatron.training.checkpoint import CheckpointError, latest_complete_tag, verify_checkpoint
 from vq_megatron.training.config import RunConfig, run_config_from_dict

@@ -66,7 +66,6 @@ import logging
 import re
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
