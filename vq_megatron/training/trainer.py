@@ -311,7 +311,7 @@ class _progress:
 
     def update(self, n: int, loss: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redraws follow mininterval
             self.bar.update(n)
 
     def close(self) -> None:
