@@ -41,7 +41,7 @@ from bench_utils import (MB, RESULTS_DIR, busy_machine_warning, command_line, fm
                          measure_step_peak_bytes, median, pick_device, ratio, run_metadata, time_steps,
                          write_results)
 
-VARIANTS = ("dense", "vq_materialized", "vq_collapsed")
+VARIANTS = ("dense", "adaptive", "vq_materialized", "vq_collapsed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESULT_MARKER = "BENCH_RESULT "
 TARGET_SPEEDUP, TARGET_MEMORY_RATIO, TARGET_PARAM_REDUCTION = 40.0, 20.0, 0.98
@@ -91,7 +91,7 @@ class LossInputs:
 
     @property
     def trainable(self) -> list[torch.Tensor]:
-        return [self.hidden, *(t for t in self.head.values() if t.requires_grad)]
+        return [self.hidden, *(t for t in self.head.values() if isinstance(t, torch.Tensor) and t.requires_grad)]
 
     def drop_grads(self) -> None:
         for tensor in self.trainable:
@@ -109,6 +109,13 @@ def make_inputs(variant: str, args: argparse.Namespace, device: torch.device) ->
     if variant == "dense":
         weight = torch.randn(args.vocab, args.d, generator=gen) * INIT_STD
         head = {"weight": weight.to(device, dtype).requires_grad_()}
+    elif variant == "adaptive":
+        # The classic exact peer: frequent-first cutoffs at 5% and 20% of V, div_value 4.
+        torch.manual_seed(args.seed)
+        module = torch.nn.AdaptiveLogSoftmaxWithLoss(args.d, args.vocab, [args.vocab // 20, args.vocab // 5],
+                                                     div_value=4.0).to(device, dtype)
+        head = {f"p{i}": p for i, p in enumerate(module.parameters())}
+        head["module"] = module
     else:
         codebook = torch.randn(args.codes, args.d, generator=gen) * INIT_STD
         head = {"codebook": codebook.to(device, dtype).requires_grad_(),
@@ -134,7 +141,12 @@ def vq_collapsed_loss(inputs: LossInputs) -> torch.Tensor:
                             inputs.labels, validate=False)
 
 
-LOSSES = {"dense": dense_loss, "vq_materialized": vq_materialized_loss, "vq_collapsed": vq_collapsed_loss}
+def adaptive_loss(inputs: LossInputs) -> torch.Tensor:
+    return inputs.head["module"](inputs.hidden, inputs.labels).loss
+
+
+LOSSES = {"dense": dense_loss, "adaptive": adaptive_loss, "vq_materialized": vq_materialized_loss,
+          "vq_collapsed": vq_collapsed_loss}
 
 
 def make_step(variant: str, inputs: LossInputs):
@@ -173,7 +185,7 @@ def benchmark_one_variant(args: argparse.Namespace) -> dict:
     peak_bytes, memory_method = measure_step_peak_bytes(lambda: losses.append(step()), device)
     if args.profile:
         print_profile(step, inputs, variant)
-    head_params = sum(t.numel() for t in inputs.head.values() if t.requires_grad)
+    head_params = sum(t.numel() for t in inputs.head.values() if isinstance(t, torch.Tensor) and t.requires_grad)
     return {"variant": variant, "ms_median": median(times.wall_ms), "ms_all": times.wall_ms,
             "cpu_ms_all": times.cpu_ms, "involuntary_switches": times.involuntary_switches,
             "peak_bytes": peak_bytes, "memory_method": memory_method, "head_params": head_params,
