@@ -7,10 +7,11 @@ from vq_megatron.train import main as train_main
 
 
 def test_repo_config_loads_and_overrides_apply():
-    cfg = load_run_config("configs/c4_small.yaml", ["model.output_layer=dense", "optim.lr=3e-3",
+    cfg = load_run_config("configs/c4_small.yaml", ["model.output_layer=dense", "optim.lr=3e-3", "data.tokenizer_model=",
                                                     "training.steps=7", "data.eval_sets.wiki=/x/y"])
     assert cfg.model.output_layer == "dense" and cfg.optim.lr == 0.003 and cfg.training.steps == 7
     assert cfg.data.eval_sets["wiki"] == "/x/y" and "c4_val" in cfg.data.eval_sets
+    assert cfg.data.tokenizer_model == ""
     assert cfg.gradient_accumulation(data_parallel=1) == 2
 
 

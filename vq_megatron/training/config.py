@@ -172,6 +172,8 @@ def _coerce(section: str, cls, values: dict) -> dict:
             raise ValueError(f"{where} must be an integer, got {value!r}")
         elif kind == "bool" and not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")
+        elif kind == "str" and value is None:
+            out[name] = ""              # `--set data.tokenizer_model=` (empty) means "unset"
         elif kind == "str" and not isinstance(value, str):
             raise ValueError(f"{where} must be a string, got {value!r}")
         elif kind == "dict" and not isinstance(value, dict):
