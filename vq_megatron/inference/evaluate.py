@@ -18,6 +18,7 @@ __all__ = ["evaluate_texts", "main"]
 
 def evaluate_texts(model, tokenizer, docs, *, seq_length: int, micro_batch_size: int = 8,
                    max_tokens: int = 0, device=None) -> dict:
+    from vq_megatron.training.data import token_windows
     from vq_megatron.training.evaluation import perplexities, windows_nll
 
     stream, words = [], 0
@@ -29,11 +30,7 @@ def evaluate_texts(model, tokenizer, docs, *, seq_length: int, micro_batch_size:
     full_tokens = len(stream)
     if max_tokens:
         stream = stream[: max_tokens + 1]
-    n = (len(stream) - 1) // seq_length
-    if n < 1:
-        raise ValueError(f"the input has {len(stream)} tokens, fewer than one window of {seq_length + 1}")
-    tokens = torch.tensor(stream, dtype=torch.int64)
-    windows = tokens[torch.arange(n).unsqueeze(1) * seq_length + torch.arange(seq_length + 1)]
+    windows = token_windows(torch.tensor(stream, dtype=torch.int64), seq_length, "the input")
     nll, count = windows_nll(model, windows, micro_batch_size=micro_batch_size, device=device or "cpu")
     # Words of the evaluated part, in proportion to the tokens evaluated.
     return {"tokens": count, "words": words * count / full_tokens, **perplexities("eval", nll, count,

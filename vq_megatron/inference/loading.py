@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from vq_megatron.strategies.two_stage import load_module_states
 from vq_megatron.training.checkpoint import CheckpointError, latest_complete_tag, verify_checkpoint
 from vq_megatron.training.config import RunConfig, run_config_from_dict
 
@@ -88,9 +89,6 @@ def load_trained_model(run_dir: str | Path, *, tag: str | None = None, device=No
     if tag is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint (no latest_complete file)")
     verify_checkpoint(run_dir, tag)
-    files = sorted((Path(run_dir) / tag).glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise CheckpointError(f"{Path(run_dir) / tag} has no mp_rank_*_model_states.pt files")
     # The map, codebook and bias come from the checkpoint: build the head without data-dependent init.
     model_cfg = cfg.model
     if model_cfg.output_layer == "vq":
@@ -98,7 +96,7 @@ def load_trained_model(run_dir: str | Path, *, tag: str | None = None, device=No
         model_cfg.vq_init_embeddings = ""
     tp = ps.get_tensor_model_parallel_world_size()
     model = build_gpt_model(model_cfg, tensor_parallel=tp)
-    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    shards = load_module_states(Path(run_dir) / tag)
     model.load_state_dict(reshard_state_dict(shards, model, ps.get_tensor_model_parallel_rank(), tp))
     if device is not None:
         model = model.to(device)

@@ -20,7 +20,7 @@ from megatron.core.transformer import TransformerConfig
 from vq_megatron.config import VQLogitsConfig
 from vq_megatron.layers import VQOutputLayer
 
-__all__ = ["ModelConfig", "VQGPTModel", "build_gpt_model", "padded_vocab_size", "output_layer_parameters",
+__all__ = ["ModelConfig", "LossHeadGPTModel", "VQGPTModel", "build_gpt_model", "padded_vocab_size", "output_layer_parameters",
            "OUTPUT_LAYERS"]
 
 OUTPUT_LAYERS = ("dense", "vq", "adaptive")
@@ -111,38 +111,39 @@ class ModelConfig:
         )
 
 
-class VQGPTModel(GPTModel):
-    """GPTModel with VQOutputLayer as its output layer; the training loss uses the exact collapse."""
+class LossHeadGPTModel(GPTModel):
+    """A GPTModel whose output layer computes the training loss itself from the hidden states.
+
+    Subclasses set `self.output_layer` to a module with `loss(hidden [s, b, h], labels [s, b]) -> [s, b]`
+    (its forward still returns logits). With labels, forward() routes the hidden states to that loss through
+    GPTModel's `output_processor` hook, so the [s, b, V] logits are never built and the return contract
+    (per-token loss [b, s]) is unchanged. Such a head is never tied to the embedding and has no MTP.
+    """
+
+    head_name = "this output layer"
 
     def __init__(self, config: TransformerConfig, transformer_layer_spec, vocab_size: int,
-                 max_sequence_length: int, *, vq_config: VQLogitsConfig, token_counts=None,
-                 embeddings=None, **kwargs):
-        if kwargs.get("share_embeddings_and_output_weights"):
-            raise ValueError("VQGPTModel cannot tie embeddings and output weights")
+                 max_sequence_length: int, **kwargs):
+        if kwargs.pop("share_embeddings_and_output_weights", False):
+            raise ValueError(f"{type(self).__name__} cannot tie embeddings and output weights")
         if config.mtp_num_layers:
-            raise ValueError("multi-token prediction heads are not supported with the VQ output layer")
+            raise ValueError(f"multi-token prediction heads are not supported with {self.head_name}")
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length,
                          share_embeddings_and_output_weights=False, **kwargs)
-        if self.post_process:
-            device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
-            # Replaces the dense V×d ColumnParallelLinear built by GPTModel.__init__ (freed here).
-            self.output_layer = VQOutputLayer(
-                vq_config, padded_vocab_size=vocab_size, tp_group=self.pg_collection.tp,
-                sequence_parallel=config.sequence_parallel, gather_output=not self.parallel_output,
-                params_dtype=config.params_dtype, device=device, token_counts=token_counts,
-                embeddings=embeddings)
-            self.output_layer.codebook.is_embedding_or_output_parameter = True
+
+    def head_device(self):
+        return torch.device("cpu") if self.config.use_cpu_initialization else torch.cuda.current_device()
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, **kwargs):
         if labels is not None and self.post_process and kwargs.get("output_processor") is None:
-            kwargs["output_processor"] = self._collapsed_language_model_loss
+            kwargs["output_processor"] = self._head_language_model_loss
         return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                labels=labels, **kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """dist_checkpointing state: skip LanguageModule's output-weight handling (it indexes
-        `output_layer.weight`, which a VQ head does not have; VQ is never tied, MTP is rejected);
-        VQOutputLayer.sharded_state_dict handles the vocab padding of its map and bias itself."""
+        `output_layer.weight`, which these heads do not have; they are never tied, MTP is rejected);
+        the head's own sharded_state_dict handles any vocab padding itself."""
         from megatron.core.transformer.module import MegatronModule
         from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
@@ -151,10 +152,29 @@ class VQGPTModel(GPTModel):
         state.pop(f"{prefix}output_layer._extra_state", None)
         return state
 
-    def _collapsed_language_model_loss(self, *, hidden_states, labels, **_unused):
+    def _head_language_model_loss(self, *, hidden_states, labels, **_unused):
         """Megatron's compute_language_model_loss contract: labels [b, s] -> per-token loss [b, s]."""
         loss = self.output_layer.loss(hidden_states, labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1).contiguous()
+
+
+class VQGPTModel(LossHeadGPTModel):
+    """GPTModel with VQOutputLayer as its output layer; the training loss uses the exact collapse."""
+
+    head_name = "the VQ output layer"
+
+    def __init__(self, config: TransformerConfig, transformer_layer_spec, vocab_size: int,
+                 max_sequence_length: int, *, vq_config: VQLogitsConfig, token_counts=None,
+                 embeddings=None, **kwargs):
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        if self.post_process:
+            # Replaces the dense V×d ColumnParallelLinear built by GPTModel.__init__ (freed here).
+            self.output_layer = VQOutputLayer(
+                vq_config, padded_vocab_size=vocab_size, tp_group=self.pg_collection.tp,
+                sequence_parallel=config.sequence_parallel, gather_output=not self.parallel_output,
+                params_dtype=config.params_dtype, device=self.head_device(), token_counts=token_counts,
+                embeddings=embeddings)
+            self.output_layer.codebook.is_embedding_or_output_parameter = True
 
 
 def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,

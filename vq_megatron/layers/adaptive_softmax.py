@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from megatron.core.models.gpt import GPTModel
+
+from vq_megatron.integration.model import LossHeadGPTModel
 
 __all__ = ["AdaptiveSoftmaxHead", "AdaptiveGPTModel", "default_cutoffs", "frequency_rank"]
 
@@ -80,41 +81,19 @@ class AdaptiveSoftmaxHead(nn.Module):
         return logits.reshape(*hidden.shape[:-1], self.padded_vocab_size), None
 
 
-class AdaptiveGPTModel(GPTModel):
+class AdaptiveGPTModel(LossHeadGPTModel):
     """GPTModel whose output layer is AdaptiveSoftmaxHead (TP=1 only)."""
+
+    head_name = "the adaptive head"
 
     def __init__(self, config, transformer_layer_spec, vocab_size: int, max_sequence_length: int, *,
                  real_vocab_size: int, cutoffs=None, div_value: float = 4.0, token_counts=None, **kwargs):
         if config.tensor_model_parallel_size != 1:
             raise ValueError("output_layer=adaptive supports tensor_parallel=1 only "
                              f"(got {config.tensor_model_parallel_size}); use dense or vq for TP>1")
-        if kwargs.get("share_embeddings_and_output_weights"):
-            raise ValueError("AdaptiveGPTModel cannot tie embeddings and output weights")
-        if config.mtp_num_layers:
-            raise ValueError("multi-token prediction heads are not supported with the adaptive head")
-        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length,
-                         share_embeddings_and_output_weights=False, **kwargs)
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         if self.post_process:
-            device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
             self.output_layer = AdaptiveSoftmaxHead(
                 config.hidden_size, real_vocab_size, padded_vocab_size=vocab_size, cutoffs=cutoffs,
-                div_value=div_value, token_counts=token_counts, device=device, dtype=config.params_dtype)
-
-    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, **kwargs):
-        if labels is not None and self.post_process and kwargs.get("output_processor") is None:
-            kwargs["output_processor"] = self._adaptive_loss
-        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                               labels=labels, **kwargs)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        from megatron.core.transformer.module import MegatronModule
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
-        state = MegatronModule.sharded_state_dict(self, prefix, sharded_offsets,
-                                                  ensure_metadata_has_dp_cp_group(metadata))
-        state.pop(f"{prefix}output_layer._extra_state", None)
-        return state
-
-    def _adaptive_loss(self, *, hidden_states, labels, **_unused):
-        loss = self.output_layer.loss(hidden_states, labels.transpose(0, 1).contiguous())
-        return loss.transpose(0, 1).contiguous()
+                div_value=div_value, token_counts=token_counts, device=self.head_device(),
+                dtype=config.params_dtype)

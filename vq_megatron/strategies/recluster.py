@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from vq_megatron.layers import VQOutputLayer
+from vq_megatron.parallel import all_gather_rows, tensor_parallel_info
 
 __all__ = ["gather_input_embeddings", "recluster_from_input_embeddings"]
 
@@ -14,17 +14,7 @@ __all__ = ["gather_input_embeddings", "recluster_from_input_embeddings"]
 def gather_input_embeddings(model, vocab_size: int, tp_group=None) -> torch.Tensor:
     """The full [V, d] input embedding rows: `embedding.word_embeddings.weight` is vocab-sharded
     [V_pad/T, d]; all-gather the shards over the TP group and cut the padding."""
-    weight = model.embedding.word_embeddings.weight.detach()
-    if tp_group is None and dist.is_initialized():
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            tp_group = ps.get_tensor_model_parallel_group()
-    world = dist.get_world_size(tp_group) if (dist.is_initialized() and tp_group is not None) else 1
-    if world > 1:
-        shards = [torch.empty_like(weight) for _ in range(world)]
-        dist.all_gather(shards, weight.contiguous(), group=tp_group)
-        weight = torch.cat(shards, dim=0)
+    weight = all_gather_rows(model.embedding.word_embeddings.weight.detach(), tensor_parallel_info(tp_group).group)
     if weight.shape[0] < vocab_size:
         raise ValueError(f"input embedding has {weight.shape[0]} rows, fewer than vocab_size={vocab_size}")
     return weight[:vocab_size].float()

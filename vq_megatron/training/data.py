@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Batch", "build_train_dataset", "train_batch", "eval_windows", "check_token_range",
-           "causal_mask", "read_meta", "corpus_token_counts", "check_vocab_consistency"]
+           "causal_mask", "read_meta", "token_windows", "corpus_token_counts", "check_vocab_consistency"]
 
 
 @dataclass
@@ -92,9 +92,17 @@ def check_token_range(batch: Batch, vocab_size: int) -> None:
                          f"built with another tokenizer")
 
 
+def token_windows(stream: torch.Tensor, seq_length: int, what: str) -> torch.Tensor:
+    """A token stream cut into [n, seq_length + 1] windows (consecutive windows overlap by one token, so
+    every token but the first is predicted exactly once)."""
+    n = (len(stream) - 1) // seq_length
+    if n < 1:
+        raise ValueError(f"{what} has {len(stream)} tokens, fewer than one window of {seq_length + 1}")
+    return stream[torch.arange(n).unsqueeze(1) * seq_length + torch.arange(seq_length + 1)]
+
+
 def eval_windows(prefix: str, seq_length: int, max_tokens: int = 0) -> torch.Tensor:
-    """All documents of an indexed dataset concatenated and cut into [n, seq_length + 1] windows
-    (consecutive windows overlap by one token so every token but the first is predicted once)."""
+    """All documents of an indexed dataset concatenated and cut into [n, seq_length + 1] windows."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     _check_prefix(prefix)
@@ -102,12 +110,7 @@ def eval_windows(prefix: str, seq_length: int, max_tokens: int = 0) -> torch.Ten
     stream = np.concatenate([np.asarray(data[i], dtype=np.int64) for i in range(len(data))])
     if max_tokens:
         stream = stream[: max_tokens + 1]
-    n = (len(stream) - 1) // seq_length
-    if n < 1:
-        raise ValueError(f"eval set {prefix} has {len(stream)} tokens, fewer than one window of "
-                         f"{seq_length + 1}")
-    index = torch.arange(n).unsqueeze(1) * seq_length + torch.arange(seq_length + 1)
-    return torch.from_numpy(stream)[index]
+    return token_windows(torch.from_numpy(stream), seq_length, f"eval set {prefix}")
 
 
 def read_meta(prefix: str) -> dict:
