@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["VQLogitsConfig", "MAP_INITS", "CODEBOOK_INITS", "BIAS_INITS"]
+from vq_megatron.checks import check_loss_options
+
+__all__ = ["VQLogitsConfig", "MAP_INITS", "CODEBOOK_INITS", "BIAS_INITS", "REFINE_INITS"]
 
 MAP_INITS = ("random", "contiguous", "frequency", "kmeans")
 CODEBOOK_INITS = ("normal", "kmeans")
 BIAS_INITS = ("zeros", "unigram")
+REFINE_INITS = ("zeros", "svd")
 
 
 @dataclass
@@ -38,6 +41,14 @@ class VQLogitsConfig:
         embedding rows (VQOutputLayer.rebuild_map; 0 = never, the map stays fixed).
     recluster_method: 'kmeans' (k-means of the rows) or 'nearest' (each token to its nearest current code).
     recluster_reinit_codebook: with 'kmeans', replace the codebook by the centroids (else keep it).
+    refine_rank: rank r of the within-code refinement (0 = VQ-Logits as in the paper). r > 0 makes the
+        distribution inside each code context-dependent: p(v|k,h) = softmax_{v∈k}(b_v + u_v·P h) with
+        U [V, r] (vocab-sharded under TP) and P [r, d] (replicated); the loss stays exact and never N×V.
+    refine_init: 'zeros' (U = 0, so training starts exactly as VQ-Logits) or 'svd' (the best rank-r fit
+        U·P of the residual rows E - C[M] of the k-means embeddings; needs map_init and codebook_init
+        'kmeans': the post-hoc conversion of a dense head W = E).
+    refine_init_std: std of the normal init of P with refine_init='zeros' (U starts at 0, so P sets the
+        scale of g = P·h that U's first gradients see).
     """
 
     vocab_size: int
@@ -56,6 +67,9 @@ class VQLogitsConfig:
     recluster_interval: int = 0
     recluster_method: str = "kmeans"
     recluster_reinit_codebook: bool = False
+    refine_rank: int = 0
+    refine_init: str = "zeros"
+    refine_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "codebook_size", "kmeans_iters"):
@@ -78,12 +92,21 @@ class VQLogitsConfig:
             raise ValueError("VQLogitsConfig.bias_init='unigram' needs per_token_bias=true")
         if not self.codebook_init_std > 0:
             raise ValueError(f"VQLogitsConfig.codebook_init_std must be > 0, got {self.codebook_init_std}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"VQLogitsConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.z_loss < 0:
-            raise ValueError(f"VQLogitsConfig.z_loss must be >= 0, got {self.z_loss}")
         if not isinstance(self.recluster_interval, int) or self.recluster_interval < 0:
             raise ValueError(f"VQLogitsConfig.recluster_interval must be >= 0, got {self.recluster_interval!r}")
+        if not isinstance(self.refine_rank, int) or isinstance(self.refine_rank, bool) or self.refine_rank < 0:
+            raise ValueError(f"VQLogitsConfig.refine_rank must be an integer >= 0, got {self.refine_rank!r}")
+        if self.refine_rank > self.hidden_size:
+            raise ValueError(f"VQLogitsConfig.refine_rank={self.refine_rank} exceeds hidden_size={self.hidden_size}: "
+                             "a rank-r map of d-dim hidden states has at most rank d")
+        if self.refine_init not in REFINE_INITS:
+            raise ValueError(f"VQLogitsConfig.refine_init={self.refine_init!r} is not one of {REFINE_INITS}")
+        if self.refine_init == "svd" and not (self.map_init == "kmeans" and self.codebook_init == "kmeans"):
+            raise ValueError("VQLogitsConfig.refine_init='svd' fits the residuals of the k-means rows, so it "
+                             "needs map_init='kmeans' and codebook_init='kmeans'")
+        if not self.refine_init_std > 0:
+            raise ValueError(f"VQLogitsConfig.refine_init_std must be > 0, got {self.refine_init_std}")
+        check_loss_options(self.label_smoothing, self.z_loss, self.refine_rank, prefix="VQLogitsConfig.")
         if self.recluster_method not in ("kmeans", "nearest"):
             raise ValueError(f"VQLogitsConfig.recluster_method={self.recluster_method!r} is not 'kmeans' "
                              "or 'nearest'")
@@ -101,6 +124,12 @@ class VQLogitsConfig:
     def needs_token_counts(self) -> bool:
         return self.map_init == "frequency" or self.bias_init == "unigram"
 
+    @property
+    def refined(self) -> bool:
+        return self.refine_rank > 0
+
     def output_layer_parameters(self) -> int:
-        """Trainable parameters of the VQ head: K·d (+ V for the per-token bias)."""
-        return self.codebook_size * self.hidden_size + (self.vocab_size if self.per_token_bias else 0)
+        """Trainable parameters of the VQ head: K·d (+ V for the per-token bias) (+ V·r + r·d refined)."""
+        r = self.refine_rank
+        return (self.codebook_size * self.hidden_size + (self.vocab_size if self.per_token_bias else 0)
+                + self.vocab_size * r + r * self.hidden_size)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vq_megatron.functional import vq_cross_entropy, vq_logits
+from vq_megatron.ops import code_logits, scatter_code_logits
 from tensor_probe import LargestOutput
 
 IGNORE = -100
@@ -138,9 +139,9 @@ def test_never_materialises_n_by_v(bias):
 
 def test_invalid_inputs_raise_clear_errors():
     h, C, m, b, y = make_inputs((8,), 4, 20, 5, torch.float32, True)
-    with pytest.raises(ValueError, match="labels must be in"):
+    with pytest.raises(ValueError, match="labels must be token ids in"):
         vq_cross_entropy(h, C, m, torch.full((8,), 20))
-    with pytest.raises(ValueError, match="labels must be in"):
+    with pytest.raises(ValueError, match="labels must be token ids in"):
         vq_cross_entropy(h, C, m, torch.full((8,), -3))
     bad_map = m.clone()
     bad_map[3] = 5
@@ -161,10 +162,21 @@ def test_invalid_inputs_raise_clear_errors():
 
 
 def test_padded_map_entries_get_no_mass():
-    """Map entries < 0 (padded vocab slots) scatter to -inf logits."""
+    """Map entries < 0 (padded vocab slots, the TP layer's convention) scatter to -inf logits."""
     h = torch.randn(3, 4)
     C = torch.randn(2, 4)
     m = torch.tensor([0, 1, 1, -1, -1])
-    logits = vq_logits(h, C, m)
+    logits = scatter_code_logits(code_logits(h, C), m)
     assert torch.isinf(logits[:, 3:]).all() and (logits[:, 3:] < 0).all()
     torch.testing.assert_close(torch.softmax(logits, -1)[:, :3].sum(-1), torch.ones(3))
+
+
+def test_public_api_rejects_padded_map_entries():
+    """One rule for the public functional API: every map entry is a code in [0, K) (padding is the TP
+    layer's business), in vq_logits as in vq_cross_entropy."""
+    h, C, y = torch.randn(3, 4), torch.randn(2, 4), torch.tensor([0, 1, 2])
+    m = torch.tensor([0, 1, 1, -1, -1])
+    with pytest.raises(ValueError, match="outside"):
+        vq_logits(h, C, m)
+    with pytest.raises(ValueError, match="outside"):
+        vq_cross_entropy(h, C, m, y)

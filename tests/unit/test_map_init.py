@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from vq_megatron.checks import check_map
+from vq_megatron.ops import code_counts
 from vq_megatron.ops.map_init import (
     MAP_INIT_STRATEGIES,
     build_map,
-    code_counts,
     contiguous_map,
     frequency_balanced_map,
     kmeans_map,
@@ -151,7 +152,7 @@ def test_normal_codebook():
 def test_code_counts():
     assert code_counts(torch.tensor([0, 2, 2]), 4).tolist() == [1, 0, 2, 0]
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
-        code_counts(torch.tensor([0, 2]), 2)
+        check_map(torch.tensor([0, 2]), 2)
 
 
 @pytest.mark.parametrize("strategy", MAP_INIT_STRATEGIES)

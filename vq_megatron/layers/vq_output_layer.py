@@ -10,6 +10,14 @@ Tensor parallelism (size T, optional):
 - forward() is the vocab-parallel scatter: local logit shard [s, b, V_pad/T], like ColumnParallelLinear.
 - loss() is the collapsed cross-entropy: computed identically on every TP rank (N·K work is small), so
   its gradients are complete on every rank and no TP reduction of them is needed or done.
+
+With `refine_rank` r > 0 the head is two-level (ops/within_code.py): U [V_pad/T, r] is vocab-sharded like
+the bias and P [r, d] is replicated like the codebook. In loss() each rank scores only the members of each
+target's code that live in its vocabulary range; their partial log-sum-exps travel in the same single
+all-gather as the bias terms (2N more floats), and the gradient of g = P·h is summed over TP (one N×r
+all-reduce in backward). forward() returns the two-level logits z_k + B_k - L_k(g) + b_v + u_v·g of the
+local shard (log-probabilities up to the per-row constant logsumexp_k(z_k + B_k); exactly VQ-Logits'
+logits when U = 0), so vocab-parallel cross-entropy over them equals loss().
 """
 
 from __future__ import annotations
@@ -19,15 +27,16 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.tensor_parallel.utils import VocabUtility
 from torch import nn
 
+from vq_megatron.checks import check_loss_options, check_map, check_token_ids
 from vq_megatron.config import VQLogitsConfig
-from vq_megatron.functional import reduce_loss
-from vq_megatron.ops import code_counts, code_logits, collapsed_cross_entropy, scatter_code_logits
-from vq_megatron.ops import segment_logsumexp
-from vq_megatron.ops.map_init import build_map, nearest_code_map, normal_codebook
+from vq_megatron.ops import (CodeMembers, CollapseOptions, CollapseStatistics, code_counts, code_logits,
+                             collapsed_cross_entropy, reduce_loss, refine_scores, refined_logits,
+                             scatter_code_logits, segment_logsumexp, target_refine_score, within_code_logsumexp)
+from vq_megatron.ops.map_init import build_map, low_rank_residual, nearest_code_map, normal_codebook
 from vq_megatron.parallel import (
-    all_gather_rows, broadcast_from_first_rank, copy_to_tensor_parallel_region,
-    gather_from_sequence_parallel_region, gather_from_tensor_parallel_region, tensor_parallel_info,
-    vocab_parallel_cross_entropy,
+    all_gather_rows, broadcast_from_first_rank, combine_over_tensor_parallel_region,
+    copy_to_tensor_parallel_region, gather_from_sequence_parallel_region, gather_from_tensor_parallel_region,
+    mark_vocab_sharded, tensor_parallel_info, vocab_parallel_cross_entropy,
 )
 
 __all__ = ["VQOutputLayer"]
@@ -70,6 +79,7 @@ class VQOutputLayer(nn.Module):
             if codebook.shape[1] != config.hidden_size:
                 raise ValueError(f"codebook_init='kmeans' needs embeddings of width hidden_size="
                                  f"{config.hidden_size}, got {codebook.shape[1]}")
+            centroids = codebook
         else:
             codebook = normal_codebook(config.codebook_size, config.hidden_size,
                                        std=config.codebook_init_std, seed=config.seed + 1)
@@ -78,12 +88,13 @@ class VQOutputLayer(nn.Module):
         self.codebook = nn.Parameter(codebook)
         set_tensor_model_parallel_attributes(self.codebook, is_parallel=False, dim=-1, stride=1)
 
-        self.register_buffer("token_to_code", torch.empty(self.partition_size, dtype=torch.int64,
-                                                          device=device), persistent=True)
+        self.register_buffer("token_to_code", mark_vocab_sharded(
+            torch.empty(self.partition_size, dtype=torch.int64, device=device), pad_value=-1), persistent=True)
         self.register_buffer("global_token_to_code", torch.empty(0, dtype=torch.int64, device=device),
                              persistent=False)
         self.register_buffer("code_counts", torch.empty(0, dtype=torch.int64, device=device),
                              persistent=False)
+        self._local_members: CodeMembers | None = None   # this shard's tokens by code, built on first use
         self.set_map(full_map.to(device))
 
         self.bias = None
@@ -91,6 +102,15 @@ class VQOutputLayer(nn.Module):
             full_bias = self._initial_bias(token_counts)
             self.bias = nn.Parameter(full_bias[self.vocab_start: self.vocab_end].to(device, params_dtype))
             set_tensor_model_parallel_attributes(self.bias, is_parallel=True, dim=0, stride=1)
+
+        self.refine_weight = self.refine_proj = None
+        if config.refined:
+            weight, proj = self._initial_refinement(full_map, centroids, embeddings)
+            self.refine_weight = nn.Parameter(weight[self.vocab_start: self.vocab_end].to(device, params_dtype))
+            set_tensor_model_parallel_attributes(self.refine_weight, is_parallel=True, dim=0, stride=1)
+            self.refine_proj = nn.Parameter(broadcast_from_first_rank(
+                proj.to(device=device, dtype=params_dtype).contiguous(), self.tp.group))
+            set_tensor_model_parallel_attributes(self.refine_proj, is_parallel=False, dim=-1, stride=1)
         # A loaded map (any TP size, any padding) must refresh the replicated copy and counts.
         self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_map_from_shards())
 
@@ -103,6 +123,25 @@ class VQOutputLayer(nn.Module):
             counts = token_counts.double().cpu() + 1.0
             full[: self.vocab_size] = torch.log(counts / counts.sum())
         return full
+
+    def _initial_refinement(self, full_map, centroids, embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U [V_pad, r], P [r, d]): zeros and N(0, std²) (the head starts as VQ-Logits), or the truncated
+        SVD of the k-means residuals of the embedding rows (a dense head converted post hoc)."""
+        r, d = self.config.refine_rank, self.config.hidden_size
+        weight = torch.zeros(self.padded_vocab_size, r)
+        if self.config.refine_init == "svd":
+            if embeddings is None or embeddings.shape[1] != d:
+                raise ValueError(f"refine_init='svd' needs embedding rows of width hidden_size={d}")
+            fit, proj = low_rank_residual(embeddings[: self.vocab_size], centroids, full_map.cpu(), r)
+            weight[: self.vocab_size] = fit
+            return weight, proj
+        return weight, normal_codebook(r, d, std=self.config.refine_init_std, seed=self.config.seed + 2)
+
+    def _apply(self, fn, recurse=True):
+        # Module._apply replaces buffers by new tensors (e.g. .to(device)): keep the map's partition tags.
+        out = super()._apply(fn, recurse)
+        mark_vocab_sharded(self.token_to_code, pad_value=-1)
+        return out
 
     # ---------------------------------------------------------------- map bookkeeping
     @property
@@ -118,13 +157,7 @@ class VQOutputLayer(nn.Module):
         return padded
 
     def _check_map(self, full_map: torch.Tensor) -> None:
-        if full_map.dim() != 1 or full_map.shape[0] != self.vocab_size:
-            raise ValueError(f"token_to_code must have shape [{self.vocab_size}] (vocab_size), "
-                             f"got {tuple(full_map.shape)}")
-        lo, hi = int(full_map.min()), int(full_map.max())
-        if lo < 0 or hi >= self.num_codes:
-            raise ValueError(f"token_to_code has codes in [{lo}, {hi}], outside [0, {self.num_codes}) "
-                             f"(codebook_size={self.num_codes})")
+        check_map(full_map, self.num_codes, vocab_size=self.vocab_size, context=f"codebook_size={self.num_codes}")
 
     @torch.no_grad()
     def set_map(self, full_map: torch.Tensor) -> None:
@@ -140,6 +173,12 @@ class VQOutputLayer(nn.Module):
     def _set_replicated_copy(self, full_map: torch.Tensor) -> None:
         self.global_token_to_code = full_map
         self.code_counts = code_counts(full_map, self.num_codes)
+        self._local_members = None
+
+    def _members(self) -> CodeMembers:
+        if self._local_members is None or self._local_members.tokens.device != self.token_to_code.device:
+            self._local_members = CodeMembers.build(self.token_to_code, self.num_codes)
+        return self._local_members
 
     @torch.no_grad()
     def _sync_map_from_shards(self) -> None:
@@ -196,11 +235,29 @@ class VQOutputLayer(nn.Module):
         else:
             hidden = copy_to_tensor_parallel_region(hidden, self.tp.group)
         codebook = copy_to_tensor_parallel_region(self.codebook, self.tp.group)
-        logits = scatter_code_logits(code_logits(hidden, codebook), self.token_to_code, self.bias)
+        z = code_logits(hidden, codebook)
+        if self.refine_weight is None:
+            logits = scatter_code_logits(z, self.token_to_code, self.bias)
+        else:
+            logits = self._refined_logits(z, hidden)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             logits = gather_from_tensor_parallel_region(logits, self.tp.group)
         return logits, None
+
+    def _refined_logits(self, z: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """This shard's two-level logits; the per-code normalisers L_k (and B_k) are combined over TP."""
+        proj = copy_to_tensor_parallel_region(self.refine_proj, self.tp.group)
+        scores = refine_scores(torch.matmul(hidden, proj.t()), self.refine_weight, self.bias)
+        parts = [(segment_logsumexp(scores, self.token_to_code, self.num_codes), "logsumexp")]
+        if self.bias is not None:
+            parts.append((segment_logsumexp(self.bias, self.token_to_code, self.num_codes), "logsumexp"))
+        combined = combine_over_tensor_parallel_region(parts, self.tp.group)
+        # The consumers below are vocab-sharded: sum their partial gradients before the combine's backward.
+        within_lse = copy_to_tensor_parallel_region(combined[0], self.tp.group)
+        log_mass = (copy_to_tensor_parallel_region(combined[1], self.tp.group) if self.bias is not None
+                    else torch.log(self.code_counts.double()))
+        return refined_logits(z, self.token_to_code, log_mass, within_lse, scores)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
              label_smoothing: float | None = None, z_loss: float | None = None,
@@ -211,6 +268,7 @@ class VQOutputLayer(nn.Module):
         """
         eps = self.config.label_smoothing if label_smoothing is None else label_smoothing
         zeta = self.config.z_loss if z_loss is None else z_loss
+        check_loss_options(eps, zeta, self.config.refine_rank)
         if self.sequence_parallel:  # the loss is computed whole on every rank: backward just splits
             hidden = gather_from_sequence_parallel_region(hidden, self.tp.group, sharded_consumer=False)
         if labels.shape != hidden.shape[:-1]:
@@ -219,17 +277,13 @@ class VQOutputLayer(nn.Module):
         flat = labels.reshape(-1)
         valid = flat != ignore_index
         if validate:
-            self._check_labels(flat[valid])
-        safe = torch.where(valid, flat, torch.zeros_like(flat))
-        target_code = self.global_token_to_code[safe]
-        if self.bias is None:
-            log_mass, target_bias, bias_sum = torch.log(self.code_counts.double()), None, None
-        else:
-            log_mass, target_bias, bias_sum = self._bias_terms(safe, valid)
-        per_token = collapsed_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), self.codebook, log_mass, self.code_counts, target_code,
-            valid, self.vocab_size, target_bias=target_bias, bias_sum=bias_sum,
-            label_smoothing=eps, z_loss=zeta)
+            check_token_ids(flat, self.vocab_size, ignore_index=ignore_index)
+        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+        stats, within = self._loss_statistics(hidden_2d, flat, valid)
+        per_token = collapsed_cross_entropy(hidden_2d, self.codebook, stats,
+                                            CollapseOptions(self.vocab_size, eps, zeta))
+        if within is not None:
+            per_token = per_token + within.to(per_token.dtype)
         out = reduce_loss(per_token, valid, reduction)
         return out.view(labels.shape) if reduction == "none" else out
 
@@ -242,30 +296,47 @@ class VQOutputLayer(nn.Module):
         return vocab_parallel_cross_entropy(logits, labels, vocab_size=self.vocab_size, group=self.tp.group,
                                             label_smoothing=eps, z_loss=zeta, ignore_index=ignore_index)
 
-    def _check_labels(self, real_labels: torch.Tensor) -> None:
-        if real_labels.numel() and (int(real_labels.min()) < 0 or int(real_labels.max()) >= self.vocab_size):
-            raise ValueError(f"labels must be token ids in [0, {self.vocab_size}) or ignore_index; got "
-                             f"[{int(real_labels.min())}, {int(real_labels.max())}]")
+    def _loss_statistics(self, hidden: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
+                         ) -> tuple[CollapseStatistics, torch.Tensor | None]:
+        """The collapse's statistics (and the within-code loss term) from this rank's vocabulary shard.
 
-    def _bias_terms(self, safe_labels: torch.Tensor, valid: torch.Tensor):
-        """B_k, the target tokens' bias and Σ_v b_v from the vocab-sharded bias in ONE all-gather."""
-        bias = self.bias
-        local_log_mass = segment_logsumexp(bias, self.token_to_code, self.num_codes)
-        in_range = valid & (safe_labels >= self.vocab_start) & (safe_labels < self.vocab_end)
-        local_index = torch.where(in_range, safe_labels - self.vocab_start, torch.zeros_like(safe_labels))
-        local_target = torch.where(in_range, bias[local_index].to(local_log_mass.dtype),
-                                   torch.zeros((), dtype=local_log_mass.dtype, device=bias.device))
-        local_sum = torch.where(self.token_to_code >= 0, bias, torch.zeros_like(bias)).sum(
-            dtype=local_log_mass.dtype)
-        if self.tp.size == 1:
-            return local_log_mass, local_target, local_sum
-        # A code with no tokens on a rank has B = -inf there; clamp so the logsumexp over ranks keeps a
-        # finite gradient (exp(min) is still exactly 0 next to any real term).
-        floor = torch.finfo(local_log_mass.dtype).min / 4
-        packed = torch.cat([local_log_mass.clamp(min=floor), local_target, local_sum.view(1)])
-        gathered = gather_from_tensor_parallel_region(packed.unsqueeze(-1), self.tp.group)  # [K+N+1, T]
-        K, N = self.num_codes, local_target.shape[0]
-        return (torch.logsumexp(gathered[:K], dim=-1), gathered[K:K + N].sum(-1), gathered[K + N].sum())
+        Everything that depends on the vocab-sharded bias / refinement is a per-rank partial, combined over
+        TP in ONE all-gather: B_k and the within-code log-sum-exp by logsumexp, the target's bias and
+        score and Σ_v b_v by sum. Without a bias or refinement nothing is communicated (counts are static).
+        """
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        target_code = self.global_token_to_code[safe]
+        in_range = valid & (safe >= self.vocab_start) & (safe < self.vocab_end)
+        local_index = torch.where(in_range, safe - self.vocab_start, torch.zeros_like(safe))
+        bias, parts = self.bias, []
+        if bias is not None:
+            acc = torch.promote_types(bias.dtype, torch.float32)
+            zero = torch.zeros((), dtype=acc, device=bias.device)
+            parts += [(segment_logsumexp(bias, self.token_to_code, self.num_codes), "logsumexp"),
+                      (torch.where(in_range, bias[local_index].to(acc), zero), "sum"),
+                      (torch.where(self.token_to_code >= 0, bias, torch.zeros_like(bias)).sum(dtype=acc), "sum")]
+        if self.refine_weight is not None:
+            # This rank scores only its own vocabulary: sum the partial gradients of g over TP.
+            g = copy_to_tensor_parallel_region(torch.matmul(hidden, self.refine_proj.t()), self.tp.group)
+            lse_local = within_code_logsumexp(g, self.refine_weight, bias, self._members(), target_code, valid)
+            score_local = target_refine_score(g, self.refine_weight, local_index)
+            parts += [(lse_local, "logsumexp"), (torch.where(in_range, score_local, torch.zeros_like(score_local)),
+                                                 "sum")]
+        combined = combine_over_tensor_parallel_region(parts, self.tp.group)
+        if bias is not None:
+            log_mass, target_bias, bias_sum = combined[:3]
+        else:
+            log_mass, target_bias, bias_sum = torch.log(self.code_counts.double()), None, None
+        stats = CollapseStatistics(log_mass=log_mass, counts=self.code_counts, target_code=target_code,
+                                   valid=valid, target_bias=target_bias, bias_sum=bias_sum)
+        if self.refine_weight is None:
+            return stats, None
+        within_lse, target_score = combined[-2:]
+        if target_bias is not None:
+            target_score = target_score + target_bias
+        within = torch.where(valid, within_lse - target_score, torch.zeros_like(target_score))
+        # Two-level: the code term's target is z_t + B_t; the target's own score sits in the within term.
+        return stats.replace(target_bias=log_mass[target_code]), within
 
     # ---------------------------------------------------------------- checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
@@ -281,7 +352,11 @@ class VQOutputLayer(nn.Module):
         groups = dict(tp_group=self.tp.group, dp_cp_group=metadata["dp_cp_group"])
         out = {f"{prefix}codebook": make_sharded_tensor_for_checkpoint(
             self.codebook, f"{prefix}codebook", prepend_offsets=sharded_offsets, **groups)}
-        vocab_sharded = {"token_to_code": self.token_to_code, "bias": self.bias}
+        if self.refine_proj is not None:
+            out[f"{prefix}refine_proj"] = make_sharded_tensor_for_checkpoint(
+                self.refine_proj, f"{prefix}refine_proj", prepend_offsets=sharded_offsets, **groups)
+        vocab_sharded = {"token_to_code": self.token_to_code, "bias": self.bias,
+                         "refine_weight": self.refine_weight}
         for name, tensor in vocab_sharded.items():
             if tensor is not None:
                 out[f"{prefix}{name}"] = make_tp_sharded_tensor_for_checkpoint(
@@ -292,4 +367,5 @@ class VQOutputLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, padded_vocab_size={self.padded_vocab_size}, "
                 f"codebook_size={self.num_codes}, hidden_size={self.config.hidden_size}, "
-                f"per_token_bias={self.bias is not None}, tp={self.tp.size}, map_init={self.config.map_init}")
+                f"per_token_bias={self.bias is not None}, refine_rank={self.config.refine_rank}, "
+                f"tp={self.tp.size}, map_init={self.config.map_init}")

@@ -1,10 +1,17 @@
-"""Pure tensor math of VQ-Logits: code statistics, the collapsed loss, the materialised scatter."""
+"""Pure tensor math of the VQ head (torch only, no torch.distributed): code statistics, the collapsed
+loss, the within-code refinement, the materialised scatter, k-means, map initialisation, sampling."""
 
-from vq_megatron.ops.clusters import code_counts, code_log_mass, gather_target, segment_logsumexp
-from vq_megatron.ops.collapsed_cross_entropy import CollapsedCrossEntropy, collapsed_cross_entropy
+from vq_megatron.ops.clusters import (CodeMembers, accumulation_dtype, code_counts, code_log_mass, gather_target,
+                                      segment_logsumexp)
+from vq_megatron.ops.collapsed_cross_entropy import (CollapsedCrossEntropy, CollapseOptions, CollapseStatistics,
+                                                     collapse_statistics, collapsed_cross_entropy, reduce_loss)
 from vq_megatron.ops.scatter import code_logits, scatter_code_logits
+from vq_megatron.ops.within_code import (refine_scores, refined_logits, target_code_pairs, target_refine_score,
+                                         within_code_logsumexp)
 
 __all__ = [
-    "code_counts", "code_log_mass", "gather_target", "segment_logsumexp",
-    "CollapsedCrossEntropy", "collapsed_cross_entropy", "code_logits", "scatter_code_logits",
+    "CodeMembers", "accumulation_dtype", "code_counts", "code_log_mass", "gather_target", "segment_logsumexp",
+    "CollapsedCrossEntropy", "CollapseOptions", "CollapseStatistics", "collapse_statistics",
+    "collapsed_cross_entropy", "reduce_loss", "code_logits", "scatter_code_logits",
+    "refine_scores", "refined_logits", "target_code_pairs", "target_refine_score", "within_code_logsumexp",
 ]

@@ -4,14 +4,23 @@ Every code k stands for the set of tokens S_k = {v : M(v) = k}. The collapse res
 the code's log-mass B_k = log Σ_{v∈S_k} exp(b_v): log n_k without a bias, -inf for an empty code
 (so an empty code contributes exp(-inf) = 0 to every softmax, exactly as it should).
 Map entries < 0 mark padded vocabulary slots (Megatron pads V to a multiple of the TP size); they
-belong to no code.
+belong to no code. Only the tensor-parallel layer produces such maps; the public functional API
+rejects them (vq_megatron.checks.check_map).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["code_counts", "code_log_mass", "segment_logsumexp", "gather_target"]
+__all__ = ["code_counts", "code_log_mass", "segment_logsumexp", "gather_target", "CodeMembers",
+           "accumulation_dtype"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 (so gradcheck can run in double precision)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _real_entries(token_to_code: torch.Tensor) -> torch.Tensor:
@@ -28,19 +37,22 @@ def code_counts(token_to_code: torch.Tensor, num_codes: int) -> torch.Tensor:
 
 
 def segment_logsumexp(values: torch.Tensor, token_to_code: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """log Σ_{v: M(v)=k} exp(values_v) for every code k, fp32 [K]; -inf for empty codes.
+    """log Σ_{v: M(v)=k} exp(values[..., v]) for every code k: [..., V] -> [..., K]; -inf for empty codes.
 
-    Differentiable through plain autograd: every op here is O(V), never O(N·V).
+    Accumulates in fp32 (fp64 for fp64 input). Differentiable through plain autograd: every op is
+    O(size of values). Padded slots (map < 0) are left out.
     """
     real = _real_entries(token_to_code)
     codes = token_to_code[real]
-    vals = values[real].to(torch.promote_types(values.dtype, torch.float32))
+    vals = values[..., real].to(accumulation_dtype(values.dtype))
+    lead = vals.shape[:-1]
+    index = codes.expand(*lead, codes.shape[0])
     # Shift by the per-code max so exp never overflows; empty codes keep max = -inf.
-    seg_max = torch.full((num_codes,), float("-inf"), dtype=vals.dtype, device=vals.device)
-    seg_max = seg_max.scatter_reduce(0, codes, vals.detach(), reduce="amax", include_self=True)
+    seg_max = torch.full((*lead, num_codes), float("-inf"), dtype=vals.dtype, device=vals.device)
+    seg_max = seg_max.scatter_reduce(-1, index, vals.detach(), reduce="amax", include_self=True)
     safe_max = torch.where(torch.isfinite(seg_max), seg_max, torch.zeros_like(seg_max))
-    seg_sum = torch.zeros(num_codes, dtype=vals.dtype, device=vals.device)
-    seg_sum = seg_sum.index_add(0, codes, torch.exp(vals - safe_max[codes]))
+    shifted = torch.exp(vals - safe_max.gather(-1, index))
+    seg_sum = torch.zeros((*lead, num_codes), dtype=vals.dtype, device=vals.device).scatter_add(-1, index, shifted)
     return torch.log(seg_sum) + safe_max
 
 
@@ -69,3 +81,25 @@ def gather_target(
     if bias is not None:
         target_bias = torch.where(valid, bias[safe_labels], torch.zeros((), dtype=bias.dtype, device=bias.device))
     return target_code, target_bias
+
+
+@dataclass(frozen=True)
+class CodeMembers:
+    """The tokens of a map grouped by code (CSR): the tokens of code k are tokens[offsets[k]:offsets[k+1]],
+    in ascending id order. Padded slots (map < 0) belong to no code. Built once per map, O(V log V)."""
+
+    offsets: torch.Tensor   # int64 [K+1]
+    tokens: torch.Tensor    # int64 [R], R = number of real tokens
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, token_to_code: torch.Tensor, num_codes: int) -> "CodeMembers":
+        ids = torch.nonzero(_real_entries(token_to_code)).squeeze(1)
+        order = torch.sort(token_to_code[ids], stable=True).indices
+        counts = code_counts(token_to_code, num_codes)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return cls(offsets=offsets, tokens=ids[order])
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]

@@ -11,7 +11,6 @@ import heapq
 
 import torch
 
-from vq_megatron.ops import clusters
 from vq_megatron.ops.kmeans import assign_to_nearest, kmeans
 
 __all__ = [
@@ -22,7 +21,7 @@ __all__ = [
     "kmeans_map",
     "nearest_code_map",
     "normal_codebook",
-    "code_counts",
+    "low_rank_residual",
     "build_map",
 ]
 
@@ -154,15 +153,23 @@ def normal_codebook(
     return codebook.to(dtype=dtype, device=device)
 
 
-def code_counts(token_to_code: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """Number of tokens per code: int64 ``[num_codes]``."""
-    if token_to_code.dim() != 1:
-        raise ValueError(f"token_to_code must be 1-D, got shape {tuple(token_to_code.shape)}")
-    if token_to_code.numel() and (
-        int(token_to_code.min()) < 0 or int(token_to_code.max()) >= num_codes
-    ):
-        raise ValueError(f"token_to_code values must lie in [0, {num_codes})")
-    return clusters.code_counts(token_to_code.to(torch.int64), num_codes)
+@torch.no_grad()
+def low_rank_residual(
+    rows: torch.Tensor, centroids: torch.Tensor, token_to_code: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-r fit U·P of the residuals R = rows - centroids[M] (truncated SVD, Eckart–Young).
+
+    Returns U = U_r·S_r ``[V, r]`` and P = V_rᵀ ``[r, d]`` in fp32 so that u_v·(P·h) = (R_v projected)·h:
+    a dense head W = rows becomes codebook + per-token low-rank refinement.
+    """
+    _check_embeddings(rows, "rows")
+    if centroids.shape[1] != rows.shape[1]:
+        raise ValueError(f"centroids have width {centroids.shape[1]}, rows {rows.shape[1]}")
+    if not 1 <= rank <= min(rows.shape):
+        raise ValueError(f"rank must be in [1, {min(rows.shape)}], got {rank}")
+    residual = rows.float() - centroids.float()[token_to_code]
+    left, singular, right_t = torch.linalg.svd(residual, full_matrices=False)
+    return (left[:, :rank] * singular[:rank]).contiguous(), right_t[:rank].contiguous()
 
 
 def build_map(

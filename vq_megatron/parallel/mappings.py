@@ -13,7 +13,8 @@ from megatron.core.tensor_parallel import mappings as mcore
 
 __all__ = [
     "copy_to_tensor_parallel_region", "gather_from_tensor_parallel_region",
-    "gather_from_sequence_parallel_region", "all_gather_rows", "broadcast_from_first_rank",
+    "gather_from_sequence_parallel_region", "combine_over_tensor_parallel_region", "all_gather_rows",
+    "broadcast_from_first_rank",
 ]
 
 
@@ -41,6 +42,39 @@ def gather_from_sequence_parallel_region(input_: torch.Tensor, group, *, sharded
         return input_
     return mcore.gather_from_sequence_parallel_region(
         input_, tensor_parallel_output_grad=sharded_consumer, group=group)
+
+
+def combine_over_tensor_parallel_region(parts: list[tuple[torch.Tensor, str]], group) -> list[torch.Tensor]:
+    """Per-rank partial results combined over TP with ONE all-gather: each (tensor, 'sum' | 'logsumexp').
+
+    forward: every rank gets the same combined tensors (shapes kept). backward: each rank keeps the
+    gradient of its own partials, which is right when what consumes the result is computed identically on
+    every rank (each then holds the full gradient); put the result through copy_to_tensor_parallel_region
+    when a vocab-sharded computation consumes it. A logsumexp partial of -inf (nothing on this rank) is
+    clamped to a huge finite floor so the gradient stays finite: exp(floor) is still exactly 0 next to any
+    real term.
+    """
+    if _single(group) or not parts:
+        return [tensor for tensor, _ in parts]
+    flat = []
+    for tensor, how in parts:
+        if how not in ("sum", "logsumexp"):
+            raise ValueError(f"combine must be 'sum' or 'logsumexp', got {how!r}")
+        piece = tensor.reshape(-1)
+        if how == "logsumexp":
+            piece = piece.clamp(min=torch.finfo(piece.dtype).min / 4)
+        flat.append(piece)
+    dtype = torch.float32
+    for piece in flat:
+        dtype = torch.promote_types(dtype, piece.dtype)
+    gathered = gather_from_tensor_parallel_region(torch.cat([f.to(dtype) for f in flat]).unsqueeze(-1), group)
+    out, start = [], 0
+    for (tensor, how), piece in zip(parts, flat):
+        block = gathered[start:start + piece.numel()]
+        start += piece.numel()
+        combined = torch.logsumexp(block, dim=-1) if how == "logsumexp" else block.sum(-1)
+        out.append(combined.view(tensor.shape))
+    return out
 
 
 @torch.no_grad()

@@ -38,42 +38,77 @@ def assert_identical_across_tp(tensor, what, case):
             raise AssertionError(f"{what} differs across TP ranks in {case}")
 
 
-def reference(h, codebook, full_map, full_bias, labels, weights, eps, zl):
+def two_level_logits(h, C, full_map, b, U, P):
+    """Independent fp64 construction of the two-level head's logits, code by code:
+    log p(v|h) = log softmax_k(z + B)_k + log softmax over the code's tokens of (b + u·P h), plus lse(z + B)."""
+    V, K = full_map.shape[0], C.shape[0]
+    b = torch.zeros(V, dtype=h.dtype) if b is None else b
+    scores = b + (h @ P.t()) @ U.t()
+    within = torch.zeros_like(scores)
+    B = []
+    for k in range(K):
+        members = full_map == k
+        B.append(torch.logsumexp(b[members], 0) if members.any() else torch.tensor(float("-inf"), dtype=h.dtype))
+        if members.any():
+            within[..., members] = torch.log_softmax(scores[..., members], -1)
+    code_logits = h @ C.t() + torch.stack(B)
+    return code_logits[..., full_map] + within
+
+
+def reference(h, codebook, full_map, full_bias, labels, weights, eps, zl, refine=None):
     """fp64 F.cross_entropy over the materialised N×V logits: loss, logits and gradients."""
     h = h.detach().double().requires_grad_()
     C = codebook.detach().double().requires_grad_()
     b = None if full_bias is None else full_bias.detach().double().requires_grad_()
-    logits = vq_logits(h, C, full_map, b)
+    U = P = None
+    if refine is None:
+        logits = vq_logits(h, C, full_map, b)
+    else:
+        U, P = (t.detach().double().requires_grad_() for t in refine)
+        logits = two_level_logits(h, C, full_map, b, U, P)
     per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                               label_smoothing=eps, reduction="none")
     lse = torch.logsumexp(logits.reshape(-1, logits.shape[-1]), -1)
     per_tok = (per_tok + zl * lse.square() * (labels.reshape(-1) != IGNORE)).view(labels.shape)
     (per_tok * weights).sum().backward()
-    return per_tok.detach(), logits.detach(), h.grad, C.grad, None if b is None else b.grad
+    grads = [h.grad, C.grad, None if b is None else b.grad]
+    if refine is not None:
+        grads += [U.grad, P.grad]
+    return per_tok.detach(), logits.detach(), *grads
 
 
-def run_case(V, K, bias, sp, eps, zl, empty, device):
+def pad_rows(full, layer):
+    """A [V, ...] tensor padded to V_pad rows (zeros) and cut to this rank's vocabulary range."""
+    padded = full.new_zeros((layer.padded_vocab_size, *full.shape[1:]))
+    padded[: full.shape[0]] = full
+    return padded[layer.vocab_start: layer.vocab_end]
+
+
+def run_case(V, K, bias, sp, eps, zl, empty, device, refine_rank=0):
     T, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     s, b, d = 8, 3, 16
-    case = f"V={V} K={K} bias={bias} sp={sp} eps={eps} zl={zl} empty={empty} T={T}"
+    case = f"V={V} K={K} bias={bias} sp={sp} eps={eps} zl={zl} empty={empty} r={refine_rank} T={T}"
     gen = torch.Generator().manual_seed(V * 1009 + K * 31 + empty)
     cfg = VQLogitsConfig(vocab_size=V, hidden_size=d, codebook_size=K, per_token_bias=bias, seed=11,
-                         codebook_init_std=0.5, label_smoothing=eps, z_loss=zl)
+                         codebook_init_std=0.5, label_smoothing=eps, z_loss=zl, refine_rank=refine_rank)
     layer = VQOutputLayer(cfg, sequence_parallel=sp, device=device)
     full_map = torch.randint(0, K - empty, (V,), generator=gen)
     full_map[: min(V, K - empty)] = torch.arange(min(V, K - empty))
     layer.set_map(full_map)
     full_bias = torch.randn(V, generator=gen) if bias else None
     if bias:
-        padded = torch.zeros(layer.padded_vocab_size)
-        padded[:V] = full_bias
-        layer.bias.data.copy_(padded[layer.vocab_start: layer.vocab_end])
+        layer.bias.data.copy_(pad_rows(full_bias, layer))
+    refine = None
+    if refine_rank:
+        refine = (torch.randn(V, refine_rank, generator=gen), layer.refine_proj.detach().cpu() * 20)
+        layer.refine_weight.data.copy_(pad_rows(refine[0], layer))
+        layer.refine_proj.data.copy_(refine[1])
     h_full = torch.randn(s, b, d, generator=gen)
     labels = torch.randint(0, V, (s, b), generator=gen)
     labels[1::3, 0] = IGNORE
     weights = torch.rand(s, b, generator=gen)
-    ref_loss, ref_logits, ref_dh, ref_dC, ref_db = reference(h_full, layer.codebook, full_map, full_bias,
-                                                             labels, weights, eps, zl)
+    ref_loss, ref_logits, ref_dh, ref_dC, ref_db, *ref_refine = reference(
+        h_full, layer.codebook, full_map, full_bias, labels, weights, eps, zl, refine)
     rows = slice(rank * s // T, (rank + 1) * s // T) if sp else slice(None)
 
     def local_hidden():
@@ -92,9 +127,11 @@ def run_case(V, K, bias, sp, eps, zl, empty, device):
         assert_close(layer.codebook.grad, ref_dC, "codebook grad", where)
         assert_identical_across_tp(layer.codebook.grad, "codebook grad", where)
         if bias:
-            padded_db = torch.zeros(layer.padded_vocab_size, dtype=ref_db.dtype)
-            padded_db[:V] = ref_db
-            assert_close(layer.bias.grad, padded_db[layer.vocab_start: layer.vocab_end], "bias grad", where)
+            assert_close(layer.bias.grad, pad_rows(ref_db, layer), "bias grad", where)
+        if refine_rank:
+            assert_close(layer.refine_weight.grad, pad_rows(ref_refine[0], layer), "refine_weight grad", where)
+            assert_close(layer.refine_proj.grad, ref_refine[1], "refine_proj grad", where)
+            assert_identical_across_tp(layer.refine_proj.grad, "refine_proj grad", where)
 
     with torch.no_grad():
         gathered, none_bias = layer(local_hidden(), runtime_gather_output=True)
@@ -124,8 +161,17 @@ def main():
             continue
         run_case(V, K, bias, sp, eps, zl, empty, device)
         done += 1
+    # The two-level head (refine_rank > 0): label smoothing is rejected there, z-loss is defined.
+    refined = 0
+    for K, bias, sp, zl, empty in itertools.product((1, 9, 103), (False, True), (False, True), (0.0, 1e-3), (0, 3)):
+        if empty and K - empty < 1:
+            continue
+        run_case(103, K, bias, sp, 0.0, zl, empty, device, refine_rank=3)
+        refined += 1
     if dist.get_rank() == 0:
-        print(f"tp_layer_checks: {done} cases passed at TP={ps.get_tensor_model_parallel_world_size()}")
+        T = ps.get_tensor_model_parallel_world_size()
+        print(f"tp_layer_checks: {done} cases passed at TP={T}")
+        print(f"tp_layer_checks: {refined} two-level cases passed at TP={T}")
     shutdown_parallel()
 
 

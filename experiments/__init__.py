@@ -1,0 +1,1 @@
+"""Experiment grids (configs/experiments/*.yaml) run through the training driver: data, runner, report."""
