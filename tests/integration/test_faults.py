@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vq_megatron.training.checkpoint import MANIFEST, complete_tags, latest_complete_tag
+from vq_megatron.integration.checkpoint import MANIFEST, complete_tags, latest_complete_tag
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "workers" / "train_with_faults.py"

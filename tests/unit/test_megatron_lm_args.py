@@ -202,7 +202,7 @@ def test_dense_model_provider_builds_gpt_model(parallel):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    from vq_megatron.integration.model import VQGPTModel
+    from vq_megatron.models import VQGPTModel
 
     model = model_provider(pre_process=True, post_process=True, args=model_args())
     assert type(model) is GPTModel and not isinstance(model, VQGPTModel)
@@ -220,7 +220,7 @@ def test_dense_model_provider_builds_gpt_model(parallel):
 
 
 def test_vq_model_provider_builds_vq_gpt_model(parallel, tmp_path):
-    from vq_megatron.integration.model import VQGPTModel
+    from vq_megatron.models import VQGPTModel
     from vq_megatron.layers import VQOutputLayer
 
     counts = np.random.default_rng(0).integers(1, 1000, size=256)  # padded length: the tail is dropped
@@ -253,7 +253,7 @@ def test_vq_model_provider_builds_vq_gpt_model(parallel, tmp_path):
 
 
 def test_vq_model_provider_last_stage_only(parallel):
-    from vq_megatron.integration.model import VQGPTModel
+    from vq_megatron.models import VQGPTModel
 
     # A first pipeline stage never loads the init files (a missing path would fail otherwise).
     args = model_args("--output-layer-type", "vq", "--vq-codebook-size", "16", "--vq-map-init", "frequency",

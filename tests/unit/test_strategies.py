@@ -49,7 +49,7 @@ def test_adaptive_head_ignores_masked_labels_and_checks_range():
     h = torch.randn(3, 4)
     loss = head.loss(h, torch.tensor([1, -100, 19]))
     assert loss[1] == 0 and loss[0] > 0 and loss[2] > 0
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="labels must be token ids in \\[0, 20\\)"):
         head.loss(h, torch.tensor([1, 2, 20]))
     with pytest.raises(ValueError, match="cutoffs"):
         AdaptiveSoftmaxHead(4, 20, cutoffs=[25])
@@ -57,7 +57,7 @@ def test_adaptive_head_ignores_masked_labels_and_checks_range():
 
 
 def _model_cfg(**kw):
-    from vq_megatron.integration.model import ModelConfig
+    from vq_megatron.models import ModelConfig
 
     base = dict(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=100,
                 make_vocab_size_divisible_by=8)
@@ -66,8 +66,8 @@ def _model_cfg(**kw):
 
 
 def test_adaptive_gpt_model_loss_matches_its_logits(parallel):
-    from vq_megatron.integration.model import build_gpt_model
-    from vq_megatron.layers.adaptive_softmax import AdaptiveGPTModel
+    from vq_megatron.models import build_gpt_model
+    from vq_megatron.models import AdaptiveGPTModel
 
     torch.manual_seed(0)
     model = build_gpt_model(_model_cfg(output_layer="adaptive", adaptive_cutoffs=[20, 60]),
@@ -87,7 +87,7 @@ def test_adaptive_gpt_model_loss_matches_its_logits(parallel):
 
 
 def test_adaptive_refuses_tensor_parallel_and_tying():
-    from vq_megatron.integration.model import build_gpt_model
+    from vq_megatron.models import build_gpt_model
 
     with pytest.raises(ValueError, match="tie_embeddings"):
         _model_cfg(output_layer="adaptive", tie_embeddings=True)
@@ -96,12 +96,14 @@ def test_adaptive_refuses_tensor_parallel_and_tying():
 
 
 # ------------------------------------------------------------------ two-stage conversion
+from vq_megatron.integration.checkpoint import _write_manifest  # noqa: E402
 def _fake_run(tmp_path, shards):
     run = tmp_path / "dense"
     tag = run / "step_00000010"
     tag.mkdir(parents=True)
     for rank, state in enumerate(shards):
         torch.save({"module": state, "step": 10}, tag / f"mp_rank_{rank:02d}_model_states.pt")
+    _write_manifest(tag)                       # as save_checkpoint publishes a finished checkpoint
     (run / "latest_complete").write_text("step_00000010")
     return run
 

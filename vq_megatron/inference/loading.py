@@ -1,10 +1,11 @@
 """Load a trained run (config.json + DeepSpeed checkpoint) into a megatron GPT at any TP size.
 
-DeepSpeed writes one mp_rank_XX_model_states.pt per TP rank. Tensors that megatron marks
-tensor_model_parallel are concatenated along their partition dim and re-split for the new TP size;
-vocabulary-sharded tensors are re-padded (Megatron pads V to a multiple of 128·TP), with padded map slots
-set to -1. Gated MLPs (SwiGLU), whose shards interleave two halves, are not resharded: load them at the
-training TP size.
+DeepSpeed writes one mp_rank_XX_model_states.pt per TP rank. Every tensor that carries megatron's partition
+tags (`tensor_model_parallel`, `partition_dim`; the VQ map buffer carries them too, see
+parallel/vocab_sharding.py) is concatenated along its partition dim and re-split for the new TP size;
+vocabulary-sharded tensors are re-padded (Megatron pads V to a multiple of 128·TP) with the tensor's own
+`vocab_pad_value` (-1 for the map, 0 otherwise). Gated MLPs (SwiGLU), whose shards interleave two halves,
+are not resharded: load them at the training TP size.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vq_megatron.strategies.two_stage import load_module_states
-from vq_megatron.training.checkpoint import CheckpointError, latest_complete_tag, verify_checkpoint
+from vq_megatron.integration.checkpoint import CheckpointError, load_model_shards, resolve_checkpoint
+from vq_megatron.parallel import vocab_pad_value
 from vq_megatron.training.config import RunConfig, run_config_from_dict
 
 __all__ = ["read_run_config", "init_inference_parallel", "load_trained_model", "reshard_state_dict",
@@ -67,13 +68,12 @@ def reshard_state_dict(shards: list[dict], model: torch.nn.Module, tp_rank: int,
         if target is None or pieces[0] is None:
             out[name] = pieces[0]
             continue
-        is_map = name.endswith("output_layer.token_to_code")
-        dim = 0 if is_map else (target.partition_dim if getattr(target, "tensor_model_parallel", False) else None)
-        if dim is None:
+        if not getattr(target, "tensor_model_parallel", False):
             out[name] = pieces[0]
             continue
+        dim = target.partition_dim
         full = torch.cat(pieces, dim=dim).movedim(dim, 0)
-        full = _resize_rows(full, target.shape[dim] * tp_size, -1 if is_map else 0)
+        full = _resize_rows(full, target.shape[dim] * tp_size, vocab_pad_value(target))
         out[name] = full.chunk(tp_size, dim=0)[tp_rank].movedim(0, dim).contiguous()
     return out
 
@@ -82,21 +82,15 @@ def load_trained_model(run_dir: str | Path, *, tag: str | None = None, device=No
     """(model in eval mode, run config, tag). Call init_inference_parallel() first."""
     from megatron.core import parallel_state as ps
 
-    from vq_megatron.integration.model import build_gpt_model
+    from vq_megatron.models import build_gpt_model
 
     cfg = read_run_config(run_dir)
-    tag = tag or latest_complete_tag(run_dir)
-    if tag is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint (no latest_complete file)")
-    verify_checkpoint(run_dir, tag)
-    # The map, codebook and bias come from the checkpoint: build the head without data-dependent init.
-    model_cfg = cfg.model
-    if model_cfg.output_layer == "vq":
-        model_cfg.vq = {**model_cfg.vq, "map_init": "random", "codebook_init": "normal", "bias_init": "zeros"}
-        model_cfg.vq_init_embeddings = ""
+    checkpoint = resolve_checkpoint(run_dir, tag)
+    tag = checkpoint.name
     tp = ps.get_tensor_model_parallel_world_size()
-    model = build_gpt_model(model_cfg, tensor_parallel=tp)
-    shards = load_module_states(Path(run_dir) / tag)
+    # Every weight (the VQ map included) comes from the checkpoint: no data-dependent initialisation.
+    model = build_gpt_model(cfg.model, tensor_parallel=tp, weights_from_checkpoint=True)
+    shards = load_model_shards(checkpoint)
     model.load_state_dict(reshard_state_dict(shards, model, ps.get_tensor_model_parallel_rank(), tp))
     if device is not None:
         model = model.to(device)

@@ -9,7 +9,7 @@ that call needs:
   ``--vq-*`` options.
 - :func:`model_provider` builds the model from Megatron-LM's global ``args``. With
   ``--output-layer-type dense`` it builds a megatron-core ``GPTModel``; with ``vq`` it builds a
-  :class:`~vq_megatron.integration.model.VQGPTModel`. With labels, VQGPTModel returns the per-token
+  :class:`~vq_megatron.models.VQGPTModel`. With labels, VQGPTModel returns the per-token
   loss ``[b, s]``, just as GPTModel does, so ``forward_step`` and ``loss_func`` stay unchanged.
 
 Usage in a Megatron-LM checkout. Save this as ``pretrain_gpt_vq.py`` next to ``pretrain_gpt.py``::
@@ -376,7 +376,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     """
     from megatron.core.models.gpt import GPTModel
 
-    from vq_megatron.integration.model import VQGPTModel
+    from vq_megatron.models import VQGPTModel
 
     if args is None:
         args = _global_args()

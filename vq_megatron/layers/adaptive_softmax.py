@@ -3,10 +3,10 @@
 `AdaptiveSoftmaxHead` wraps torch.nn.AdaptiveLogSoftmaxWithLoss. Adaptive softmax assumes token ids sorted
 by frequency (the head cluster holds the most frequent ids), so the head keeps a fixed permutation
 `rank_of_token` [V] computed from training-data token counts and remaps labels before the loss and the
-columns of the log-probabilities after it. `AdaptiveGPTModel` is a megatron-core GPTModel with this head; its
-training loss goes through GPTModel's `output_processor` hook (as VQGPTModel does), so the contract is the
-same: labels -> per-token loss [b, s]; no labels -> [s, b, V_pad] log-probabilities (padding slots -inf).
-Tensor parallel size 1 only.
+columns of the log-probabilities after it. `vq_megatron.models.AdaptiveGPTModel` is a megatron-core
+GPTModel with this head; its training loss goes through GPTModel's `output_processor` hook (as VQGPTModel
+does), so the contract is the same: labels -> per-token loss [b, s]; no labels -> [s, b, V_pad]
+log-probabilities (padding slots -inf). Tensor parallel size 1 only.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vq_megatron.integration.model import LossHeadGPTModel
+from vq_megatron.checks import check_token_ids
 
-__all__ = ["AdaptiveSoftmaxHead", "AdaptiveGPTModel", "default_cutoffs", "frequency_rank"]
+__all__ = ["AdaptiveSoftmaxHead", "default_cutoffs", "frequency_rank"]
 
 
 def default_cutoffs(vocab_size: int) -> list[int]:
@@ -64,8 +64,7 @@ class AdaptiveSoftmaxHead(nn.Module):
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         flat_y = labels.reshape(-1)
         valid = flat_y != ignore_index
-        if bool(((flat_y[valid] < 0) | (flat_y[valid] >= self.vocab_size)).any()):
-            raise ValueError(f"labels outside [0, {self.vocab_size})")
+        check_token_ids(flat_y, self.vocab_size, ignore_index=ignore_index)
         ranked = self.rank_of_token[torch.where(valid, flat_y, torch.zeros_like(flat_y))]
         out = self.asm(flat_h, ranked)   # .output = log p(target) per row
         nll = torch.where(valid, -out.output, torch.zeros_like(out.output))
@@ -79,21 +78,3 @@ class AdaptiveSoftmaxHead(nn.Module):
         logits = logp_ranked.new_full((logp_ranked.shape[0], self.padded_vocab_size), float("-inf"))
         logits[:, : self.vocab_size] = logp_ranked[:, self.rank_of_token]
         return logits.reshape(*hidden.shape[:-1], self.padded_vocab_size), None
-
-
-class AdaptiveGPTModel(LossHeadGPTModel):
-    """GPTModel whose output layer is AdaptiveSoftmaxHead (TP=1 only)."""
-
-    head_name = "the adaptive head"
-
-    def __init__(self, config, transformer_layer_spec, vocab_size: int, max_sequence_length: int, *,
-                 real_vocab_size: int, cutoffs=None, div_value: float = 4.0, token_counts=None, **kwargs):
-        if config.tensor_model_parallel_size != 1:
-            raise ValueError("output_layer=adaptive supports tensor_parallel=1 only "
-                             f"(got {config.tensor_model_parallel_size}); use dense or vq for TP>1")
-        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
-        if self.post_process:
-            self.output_layer = AdaptiveSoftmaxHead(
-                config.hidden_size, real_vocab_size, padded_vocab_size=vocab_size, cutoffs=cutoffs,
-                div_value=div_value, token_counts=token_counts, device=self.head_device(),
-                dtype=config.params_dtype)

@@ -22,6 +22,8 @@ logits when U = 0), so vocab-parallel cross-entropy over them equals loss().
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.utils import VocabUtility
@@ -53,12 +55,15 @@ class VQOutputLayer(nn.Module):
         gather_output: forward() returns the full vocabulary (Megatron's gather_output).
         token_counts: [V] corpus counts for map_init='frequency'.
         embeddings: [V, d'] rows to cluster for map_init='kmeans'.
+        init_from_data: False when every tensor is about to be loaded from a checkpoint: the layer is
+            built with placeholder values and needs neither token_counts nor embeddings.
     """
 
     def __init__(self, config: VQLogitsConfig, *, padded_vocab_size: int | None = None, tp_group=None,
                  sequence_parallel: bool = False, gather_output: bool = False,
                  params_dtype: torch.dtype = torch.float32, device=None,
-                 token_counts: torch.Tensor | None = None, embeddings: torch.Tensor | None = None):
+                 token_counts: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
+                 init_from_data: bool = True):
         super().__init__()
         self.config = config
         self.tp = tensor_parallel_info(tp_group)
@@ -69,12 +74,14 @@ class VQOutputLayer(nn.Module):
         self.vocab_start, self.vocab_end = VocabUtility.vocab_range_from_global_vocab_size(
             self.padded_vocab_size, self.tp.rank, self.tp.size)
         device = torch.device("cpu") if device is None else torch.device(device)
+        init = config if init_from_data else dataclasses.replace(
+            config, map_init="random", codebook_init="normal", bias_init="zeros", refine_init="zeros")
 
         full_map, centroids = build_map(
-            config.map_init, config.vocab_size, config.codebook_size, seed=config.seed,
+            init.map_init, config.vocab_size, config.codebook_size, seed=config.seed,
             token_counts=token_counts, embeddings=embeddings, kmeans_iters=config.kmeans_iters,
             spherical=config.spherical_kmeans)
-        if config.codebook_init == "kmeans":
+        if init.codebook_init == "kmeans":
             codebook = centroids
             if codebook.shape[1] != config.hidden_size:
                 raise ValueError(f"codebook_init='kmeans' needs embeddings of width hidden_size="
@@ -99,13 +106,13 @@ class VQOutputLayer(nn.Module):
 
         self.bias = None
         if config.per_token_bias:
-            full_bias = self._initial_bias(token_counts)
+            full_bias = self._initial_bias(token_counts if init.bias_init == "unigram" else None, init.bias_init)
             self.bias = nn.Parameter(full_bias[self.vocab_start: self.vocab_end].to(device, params_dtype))
             set_tensor_model_parallel_attributes(self.bias, is_parallel=True, dim=0, stride=1)
 
         self.refine_weight = self.refine_proj = None
         if config.refined:
-            weight, proj = self._initial_refinement(full_map, centroids, embeddings)
+            weight, proj = self._initial_refinement(full_map, centroids, embeddings, init.refine_init)
             self.refine_weight = nn.Parameter(weight[self.vocab_start: self.vocab_end].to(device, params_dtype))
             set_tensor_model_parallel_attributes(self.refine_weight, is_parallel=True, dim=0, stride=1)
             self.refine_proj = nn.Parameter(broadcast_from_first_rank(
@@ -114,22 +121,22 @@ class VQOutputLayer(nn.Module):
         # A loaded map (any TP size, any padding) must refresh the replicated copy and counts.
         self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_map_from_shards())
 
-    def _initial_bias(self, token_counts: torch.Tensor | None) -> torch.Tensor:
+    def _initial_bias(self, token_counts: torch.Tensor | None, how: str) -> torch.Tensor:
         """Full padded bias [V_pad]: zeros, or add-one smoothed log unigram frequencies."""
         full = torch.zeros(self.padded_vocab_size, dtype=torch.float64)
-        if self.config.bias_init == "unigram":
+        if how == "unigram":
             if token_counts is None or token_counts.shape != (self.vocab_size,):
                 raise ValueError(f"bias_init='unigram' needs token_counts of shape [{self.vocab_size}]")
             counts = token_counts.double().cpu() + 1.0
             full[: self.vocab_size] = torch.log(counts / counts.sum())
         return full
 
-    def _initial_refinement(self, full_map, centroids, embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    def _initial_refinement(self, full_map, centroids, embeddings, how: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U [V_pad, r], P [r, d]): zeros and N(0, std²) (the head starts as VQ-Logits), or the truncated
         SVD of the k-means residuals of the embedding rows (a dense head converted post hoc)."""
         r, d = self.config.refine_rank, self.config.hidden_size
         weight = torch.zeros(self.padded_vocab_size, r)
-        if self.config.refine_init == "svd":
+        if how == "svd":
             if embeddings is None or embeddings.shape[1] != d:
                 raise ValueError(f"refine_init='svd' needs embedding rows of width hidden_size={d}")
             fit, proj = low_rank_residual(embeddings[: self.vocab_size], centroids, full_map.cpu(), r)

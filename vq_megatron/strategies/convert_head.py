@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vq_megatron.strategies.two_stage import checkpoint_dir, dense_output_embeddings
+from vq_megatron.integration.checkpoint import resolve_checkpoint
+from vq_megatron.strategies.two_stage import dense_output_embeddings
 
 
 def main(argv=None) -> int:
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(rows.contiguous(), out)
-    print(f"[convert_head] {checkpoint_dir(args.run_dir, args.tag)}: output embeddings {tuple(rows.shape)} -> {out}")
+    print(f"[convert_head] {resolve_checkpoint(args.run_dir, args.tag)}: output embeddings {tuple(rows.shape)} -> {out}")
     if args.codebook_size:
         from vq_megatron.ops.map_init import build_map
 

@@ -1,66 +1,32 @@
 """Two-stage training: a short dense warm-up, then a VQ head initialised from the dense output embeddings.
 
-Reads DeepSpeed checkpoints written by the training driver (`step_*/mp_rank_XX_model_states.pt`, the model's
-state dict under the key "module"). `dense_output_embeddings` concatenates the output_layer.weight TP shards
+Reads DeepSpeed checkpoints written by the training driver through integration.checkpoint (verified
+against their manifests). `dense_output_embeddings` concatenates the output_layer.weight TP shards
 (dim 0) into the [V_pad, d] rows that `model.vq_init_embeddings` + `vq.map_init=kmeans` +
 `vq.codebook_init=kmeans` cluster; `load_body_weights` is `model.init_from` (everything but the head).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
-__all__ = ["checkpoint_dir", "load_module_states", "dense_output_embeddings", "load_body_weights"]
+from vq_megatron.integration.checkpoint import load_model_shards, resolve_checkpoint
 
-_SHARD = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
-
-
-def checkpoint_dir(path: str | Path, tag: str | None = None) -> Path:
-    """A checkpoint directory from a run directory (its `latest_complete`, else the newest step_*), a
-    run directory + tag, or a checkpoint directory itself."""
-    path = Path(path)
-    if tag:
-        path = path / tag
-    if any(_SHARD.search(p.name) for p in path.glob("mp_rank_*_model_states.pt")):
-        return path
-    latest = path / "latest_complete"
-    if latest.is_file() and (path / latest.read_text().strip()).is_dir():
-        return checkpoint_dir(path / latest.read_text().strip())
-    steps = sorted(p for p in path.glob("step_*") if p.is_dir())
-    for candidate in reversed(steps):
-        if any(candidate.glob("mp_rank_*_model_states.pt")):
-            return candidate
-    raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (step_*/mp_rank_XX_model_states.pt) found")
-
-
-def load_module_states(path: str | Path, tag: str | None = None) -> list[dict]:
-    """The model state dicts of every TP shard, ordered by mp rank."""
-    ckpt = checkpoint_dir(path, tag)
-    shards = sorted(((int(_SHARD.search(p.name).group(1)), p) for p in ckpt.glob("mp_rank_*_model_states.pt")))
-    if [r for r, _ in shards] != list(range(len(shards))):
-        raise FileNotFoundError(f"{ckpt}: TP shards {[r for r, _ in shards]} are not 0..{len(shards) - 1}")
-    states = []
-    for _, file in shards:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-        if "module" not in state:
-            raise KeyError(f"{file}: no 'module' state dict (not a DeepSpeed model-states file)")
-        states.append(state["module"])
-    return states
+__all__ = ["dense_output_embeddings", "load_body_weights"]
 
 
 def dense_output_embeddings(path: str | Path, tag: str | None = None) -> torch.Tensor:
     """[V_pad, d] output embedding rows of a dense run (output_layer.weight, TP shards concatenated)."""
-    states = load_module_states(path, tag)
+    states = load_model_shards(path, tag)
     key = "output_layer.weight"
     if key not in states[0]:
         if "embedding.word_embeddings.weight" in states[0] and not any(k.startswith("output_layer.")
                                                                         for k in states[0]):
             key = "embedding.word_embeddings.weight"   # tied dense model: the output rows are the input rows
         else:
-            raise KeyError(f"{checkpoint_dir(path, tag)} has no output_layer.weight: not a dense GPTModel "
+            raise KeyError(f"{resolve_checkpoint(path, tag)} has no output_layer.weight: not a dense GPTModel "
                            f"checkpoint (keys: {sorted(k for k in states[0] if k.startswith('output_layer'))})")
     return torch.cat([s[key].float() for s in states], dim=0)
 
@@ -77,8 +43,8 @@ def load_body_weights(model: torch.nn.Module, path: str | Path, tag: str | None 
             tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     except ImportError:  # pragma: no cover
         pass
-    ckpt = checkpoint_dir(path, tag)
-    states = load_module_states(ckpt)
+    ckpt = resolve_checkpoint(path, tag)
+    states = load_model_shards(ckpt)
     if len(states) != tp_size:
         raise ValueError(f"{ckpt} has {len(states)} TP shards; this run has tensor_parallel={tp_size} "
                          "(init_from needs the same TP size)")

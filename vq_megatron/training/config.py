@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from vq_megatron.integration.model import ModelConfig
+from vq_megatron.models.config import ModelConfig
 
 __all__ = ["ParallelConfig", "DataConfig", "OptimConfig", "TrainingConfig", "RunConfig", "load_run_config",
            "run_config_from_dict"]

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from vq_megatron.integration.deepspeed_mpu import MegatronMPU
 from vq_megatron.integration.distributed import init_parallel, local_device
-from vq_megatron.integration.model import build_gpt_model
-from vq_megatron.training.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
+from vq_megatron.models import build_gpt_model, head_parameter_count
+from vq_megatron.integration.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
 from vq_megatron.training.config import RunConfig
 from vq_megatron.training.evaluation import perplexities, windows_nll
 from vq_megatron.integration.tensor_files import load_tensor_file
@@ -25,26 +25,12 @@ from vq_megatron.training.data import (Batch, build_train_dataset, causal_mask, 
                                        train_batch)
 from vq_megatron.training.metrics import MetricsLogger
 
-__all__ = ["train", "evaluate", "head_parameter_count", "deepspeed_config"]
+__all__ = ["train", "evaluate", "deepspeed_config"]
 
 
 def _print0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
-
-
-def head_parameter_count(model) -> int:
-    """Trainable output-layer parameters of the whole model (TP shards counted once each)."""
-    from megatron.core import parallel_state as ps
-
-    layer = getattr(model, "output_layer", None)
-    if layer is None:
-        return 0
-    if isinstance(layer, VQOutputLayer):   # K·d (+ V): the padded bias slots are never trained
-        return layer.config.output_layer_parameters()
-    tp = ps.get_tensor_model_parallel_world_size()
-    return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
-               for p in layer.parameters() if p.requires_grad)
 
 
 def _param_groups(model, weight_decay: float):

@@ -37,7 +37,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from vq_megatron.integration.cpu_shims import cuda_factories_on_cpu
 from vq_megatron.integration.distributed import init_parallel, local_device, shutdown_parallel
-from vq_megatron.integration.model import ModelConfig, build_gpt_model
+from vq_megatron.models import ModelConfig, build_gpt_model
 from vq_megatron.layers import VQOutputLayer
 
 NUM_MICROBATCHES, MICRO_BATCH_SIZE = 4, 2

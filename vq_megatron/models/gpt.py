@@ -4,13 +4,11 @@ dense: megatron-core's own GPTModel (ColumnParallelLinear head, vocab-parallel c
 vq:    VQGPTModel, a GPTModel whose output layer is VQOutputLayer. With labels, its forward computes the
        collapsed loss through GPTModel's `output_processor` hook, so the N×V logits are never built and
        the return contract is unchanged (per-token loss [b, s]); without labels it returns logits.
-adaptive: AdaptiveGPTModel (vq_megatron/layers/adaptive_softmax.py), adaptive softmax over frequency-ranked
-       token ids, the classic peer of VQ-Logits in the ablations (TP=1 only).
+adaptive: AdaptiveGPTModel, adaptive softmax over frequency-ranked token ids (layers/adaptive_softmax.py),
+       the classic peer of VQ-Logits in the ablations (TP=1 only).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -18,97 +16,11 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from vq_megatron.config import VQLogitsConfig
-from vq_megatron.layers import VQOutputLayer
+from vq_megatron.layers import AdaptiveSoftmaxHead, VQOutputLayer
+from vq_megatron.models.config import ModelConfig
+from vq_megatron.parallel import padded_vocab_size
 
-__all__ = ["ModelConfig", "LossHeadGPTModel", "VQGPTModel", "build_gpt_model", "padded_vocab_size", "output_layer_parameters",
-           "OUTPUT_LAYERS"]
-
-OUTPUT_LAYERS = ("dense", "vq", "adaptive")
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Megatron-LM's padding: round V up to a multiple of divisible_by · TP."""
-    multiple = divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
-
-
-@dataclass
-class ModelConfig:
-    """The `model:` section of a training YAML.
-
-    output_layer: 'dense' (Megatron ColumnParallelLinear) or 'vq' (VQ-Logits, options in `vq`).
-    vocab_size: real tokenizer vocabulary; the model pads it to make_vocab_size_divisible_by · TP.
-    tie_embeddings: share input embedding and output weight (dense only; VQ has no V×d weight).
-    vq: VQLogitsConfig options except vocab_size/hidden_size (codebook_size, map_init, ...).
-    vq_init_embeddings: .npy/.pt file of [V(+padding), d'] rows clustered by vq.map_init=kmeans (e.g. the
-        output weight of a dense checkpoint); with vq.codebook_init=kmeans, d' must equal hidden_size.
-    adaptive_cutoffs: cluster cutoffs of output_layer=adaptive (adaptive softmax, TP=1; token ids are ranked
-        by training-data frequency first); empty = [V/8, V/2]. adaptive_div_value: its tail shrink factor.
-    init_from: a dense run directory (or one of its step_* checkpoint directories) whose body weights (all
-        but output_layer.*) initialise this model before training (two-stage dense -> VQ).
-    """
-
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None
-    seq_length: int = 128
-    vocab_size: int = 8000
-    make_vocab_size_divisible_by: int = 128
-    output_layer: str = "vq"
-    tie_embeddings: bool = False
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_method_std: float = 0.02
-    position_embedding_type: str = "learned_absolute"
-    vq: dict = field(default_factory=dict)
-    vq_init_embeddings: str = ""
-    adaptive_cutoffs: list = field(default_factory=list)
-    adaptive_div_value: float = 4.0
-    init_from: str = ""
-
-    def __post_init__(self) -> None:
-        if self.output_layer not in OUTPUT_LAYERS:
-            raise ValueError(f"model.output_layer={self.output_layer!r} is not one of {OUTPUT_LAYERS}")
-        if self.output_layer != "dense" and self.tie_embeddings:
-            raise ValueError(f"model.tie_embeddings=true needs output_layer: dense (a {self.output_layer} "
-                             "head has no V×d weight to tie)")
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
-                     "make_vocab_size_divisible_by"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
-        if self.output_layer == "vq":
-            vq = self.vq_config()  # validate the vq: options now, with a clear error
-            if vq.map_init == "kmeans" and not self.vq_init_embeddings:
-                raise ValueError("model.vq.map_init=kmeans needs model.vq_init_embeddings (a .npy/.pt of "
-                                 "[V, d] rows, e.g. a dense model's output weight)")
-
-    def vq_config(self) -> VQLogitsConfig:
-        return VQLogitsConfig.from_dict(self.vq, vocab_size=self.vocab_size, hidden_size=self.hidden_size)
-
-    def transformer_config(self, *, tensor_parallel: int, pipeline_parallel: int = 1,
-                           sequence_parallel: bool = False, params_dtype=torch.float32,
-                           use_cpu_initialization: bool | None = None) -> TransformerConfig:
-        if self.num_attention_heads % tensor_parallel:
-            raise ValueError(f"tensor_parallel={tensor_parallel} must divide model.num_attention_heads="
-                             f"{self.num_attention_heads}")
-        if self.num_layers % pipeline_parallel:
-            raise ValueError(f"pipeline_parallel={pipeline_parallel} must divide model.num_layers={self.num_layers}")
-        return TransformerConfig(
-            num_layers=self.num_layers, hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
-            hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
-            init_method_std=self.init_method_std, tensor_model_parallel_size=tensor_parallel,
-            pipeline_model_parallel_size=pipeline_parallel,
-            sequence_parallel=sequence_parallel and tensor_parallel > 1,
-            params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
-            pipeline_dtype=params_dtype,
-            use_cpu_initialization=(not torch.cuda.is_available() if use_cpu_initialization is None
-                                    else use_cpu_initialization),
-        )
+__all__ = ["LossHeadGPTModel", "VQGPTModel", "AdaptiveGPTModel", "build_gpt_model", "head_parameter_count"]
 
 
 class LossHeadGPTModel(GPTModel):
@@ -165,7 +77,7 @@ class VQGPTModel(LossHeadGPTModel):
 
     def __init__(self, config: TransformerConfig, transformer_layer_spec, vocab_size: int,
                  max_sequence_length: int, *, vq_config: VQLogitsConfig, token_counts=None,
-                 embeddings=None, **kwargs):
+                 embeddings=None, init_from_data: bool = True, **kwargs):
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         if self.post_process:
             # Replaces the dense V×d ColumnParallelLinear built by GPTModel.__init__ (freed here).
@@ -173,14 +85,37 @@ class VQGPTModel(LossHeadGPTModel):
                 vq_config, padded_vocab_size=vocab_size, tp_group=self.pg_collection.tp,
                 sequence_parallel=config.sequence_parallel, gather_output=not self.parallel_output,
                 params_dtype=config.params_dtype, device=self.head_device(), token_counts=token_counts,
-                embeddings=embeddings)
+                embeddings=embeddings, init_from_data=init_from_data)
             self.output_layer.codebook.is_embedding_or_output_parameter = True
+
+
+class AdaptiveGPTModel(LossHeadGPTModel):
+    """GPTModel whose output layer is AdaptiveSoftmaxHead (TP=1 only)."""
+
+    head_name = "the adaptive head"
+
+    def __init__(self, config, transformer_layer_spec, vocab_size: int, max_sequence_length: int, *,
+                 real_vocab_size: int, cutoffs=None, div_value: float = 4.0, token_counts=None, **kwargs):
+        if config.tensor_model_parallel_size != 1:
+            raise ValueError("output_layer=adaptive supports tensor_parallel=1 only "
+                             f"(got {config.tensor_model_parallel_size}); use dense or vq for TP>1")
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        if self.post_process:
+            self.output_layer = AdaptiveSoftmaxHead(
+                config.hidden_size, real_vocab_size, padded_vocab_size=vocab_size, cutoffs=cutoffs,
+                div_value=div_value, token_counts=token_counts, device=self.head_device(),
+                dtype=config.params_dtype)
 
 
 def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                     sequence_parallel: bool = False, params_dtype=torch.float32, pre_process: bool = True,
-                    post_process: bool = True, token_counts=None, embeddings=None) -> GPTModel:
-    """Build the GPT body from megatron-core's local layer spec and the head named by output_layer."""
+                    post_process: bool = True, token_counts=None, embeddings=None,
+                    weights_from_checkpoint: bool = False) -> GPTModel:
+    """Build the GPT body from megatron-core's local layer spec and the head named by output_layer.
+
+    weights_from_checkpoint: every weight (the VQ map included) is about to be loaded, so the head skips
+    its data-dependent initialisation (token counts, k-means of embedding files) and needs no data.
+    """
     config = model_cfg.transformer_config(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                           sequence_parallel=sequence_parallel, params_dtype=params_dtype)
     common = dict(
@@ -192,20 +127,20 @@ def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipelin
     if model_cfg.output_layer == "dense":
         return GPTModel(share_embeddings_and_output_weights=model_cfg.tie_embeddings, **common)
     if model_cfg.output_layer == "adaptive":
-        from vq_megatron.layers.adaptive_softmax import AdaptiveGPTModel
-
         return AdaptiveGPTModel(real_vocab_size=model_cfg.vocab_size, cutoffs=model_cfg.adaptive_cutoffs or None,
                                 div_value=model_cfg.adaptive_div_value, token_counts=token_counts, **common)
     return VQGPTModel(vq_config=model_cfg.vq_config(), token_counts=token_counts, embeddings=embeddings,
-                      **common)
+                      init_from_data=not weights_from_checkpoint, **common)
 
 
-def output_layer_parameters(model: torch.nn.Module) -> int:
-    """Trainable parameters of this rank's output layer (0 for a tied dense head, whose weight is the
-    input embedding)."""
+def head_parameter_count(model: torch.nn.Module) -> int:
+    """Trainable output-layer parameters of the whole model: TP shards counted once each, Megatron's
+    vocabulary padding left out where the head knows it (VQ: K·d + V + V·r + r·d); 0 for a tied dense head."""
     layer = getattr(model, "output_layer", None)
     if layer is None:
         return 0
-    return sum(p.numel() for p in layer.parameters() if p.requires_grad)
-
-
+    if isinstance(layer, VQOutputLayer):   # the padded bias / refinement rows are never trained
+        return layer.config.output_layer_parameters()
+    tp = getattr(getattr(model, "config", None), "tensor_model_parallel_size", 1) or 1
+    return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+               for p in layer.parameters() if p.requires_grad)

@@ -1,5 +1,9 @@
 """Checkpoints: DeepSpeed engine state + per-rank RNG, published atomically, verified on load, last k kept.
 
+Also the one reader of a run's checkpoints outside the engine: `resolve_checkpoint` (a run directory, a
+tag, or a step directory -> a verified checkpoint directory) and `load_model_shards` (the model state of
+every TP rank), used by inference, the two-stage strategy and post-hoc conversion.
+
 Layout: <save_dir>/step_00000100/ holds DeepSpeed's files, rng_rank<r>.pt per rank and MANIFEST.json
 (size and SHA-256 of every file); <save_dir>/latest_complete names the newest complete tag. Both are
 written by rank 0 only after every rank finished writing (temp file + os.replace), so a run killed
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_complete_tag", "complete_tags", "verify_checkpoint",
-           "CheckpointError", "rng_state", "set_rng_state"]
+           "CheckpointError", "rng_state", "set_rng_state", "resolve_checkpoint", "load_model_shards", "MANIFEST",
+           "LATEST"]
 
 LATEST = "latest_complete"
 MANIFEST = "MANIFEST.json"
@@ -148,3 +154,44 @@ def load_checkpoint(engine, save_dir: str | Path, tag: str, *, verify: bool = Tr
                               f"different number of ranks")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+_SHARD = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+
+
+def _has_shards(path: Path) -> bool:
+    return any(_SHARD.search(p.name) for p in path.glob("mp_rank_*_model_states.pt"))
+
+
+def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
+    """A verified checkpoint directory from a run directory (its latest complete checkpoint), a run
+    directory + tag, or a step_* directory itself. A checkpoint without a manifest, or whose files do not
+    match it, is refused (CheckpointError names the file and offers the previous complete checkpoint)."""
+    path = Path(path)
+    if tag is None and _has_shards(path):         # a step directory: verify it within its run directory
+        run_dir, tag = path.parent, path.name
+    else:
+        run_dir = path
+        tag = tag or latest_complete_tag(run_dir)
+        if tag is None:
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint (no {LATEST} file and no step_* "
+                                    f"directory with {MANIFEST})")
+    verify_checkpoint(run_dir, tag)
+    if not _has_shards(run_dir / tag):
+        raise CheckpointError(f"{run_dir / tag}: no DeepSpeed model states (mp_rank_XX_model_states.pt)")
+    return run_dir / tag
+
+
+def load_model_shards(path: str | Path, tag: str | None = None) -> list[dict]:
+    """The model state dicts of every TP shard of a checkpoint, ordered by TP rank."""
+    ckpt = resolve_checkpoint(path, tag)
+    shards = sorted((int(_SHARD.search(p.name).group(1)), p) for p in ckpt.glob("mp_rank_*_model_states.pt"))
+    if [r for r, _ in shards] != list(range(len(shards))):
+        raise CheckpointError(f"{ckpt}: TP shards {[r for r, _ in shards]} are not 0..{len(shards) - 1}")
+    states = []
+    for _, file in shards:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        if "module" not in state:
+            raise CheckpointError(f"{file}: no 'module' state dict (not a DeepSpeed model-states file)")
+        states.append(state["module"])
+    return states
