@@ -3,7 +3,7 @@
 A torchrun worker; every rank of one TP group runs the same step:
   dense                 megatron ColumnParallelLinear(d -> V, gather_output=False, bias=False)
                         + megatron vocab_parallel_cross_entropy (logit shard [s, b, V/T] per rank)
-  vq_materialized       VQOutputLayer.materialized_loss: scatter to vocab-parallel logits + vocab-parallel CE
+  vq_materialised       VQOutputLayer.materialised_loss: scatter to vocab-parallel logits + vocab-parallel CE
   vq_collapsed          VQOutputLayer.loss: exact O(N·K) collapse, no N x V tensor
   vq_collapsed_bias     the same with per_token_bias=True (one packed all-gather per step)
 Input hidden [s, b, d] (s·b = N, identical on every rank), labels [s, b]; the step is forward + backward
@@ -44,7 +44,7 @@ from bench_utils import (MB, RESULTS_DIR, busy_machine_warning, fmt, format_tabl
                          measure_step_peak_bytes, median, ratio, run_metadata, time_steps, write_results)
 from comm_counter import CollectiveCounter
 
-VARIANTS = ("dense", "vq_materialized", "vq_collapsed", "vq_collapsed_bias")
+VARIANTS = ("dense", "vq_materialised", "vq_collapsed", "vq_collapsed_bias")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INIT_STD = 0.02
 
@@ -112,8 +112,8 @@ def build_vq(args, device: torch.device, *, collapsed: bool, bias: bool) -> Case
     if collapsed:
         loss = lambda hidden, labels: layer.loss(hidden, labels, validate=False).mean()  # noqa: E731
     else:
-        loss = lambda hidden, labels: layer.materialized_loss(hidden, labels).mean()  # noqa: E731
-    name = ("vq_collapsed" if collapsed else "vq_materialized") + ("_bias" if bias else "")
+        loss = lambda hidden, labels: layer.materialised_loss(hidden, labels).mean()  # noqa: E731
+    name = ("vq_collapsed" if collapsed else "vq_materialised") + ("_bias" if bias else "")
     return Case(name, layer, loss)
 
 

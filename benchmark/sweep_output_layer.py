@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in args.vocabs:
-            base = run_bench(vocab, 1024, "dense,adaptive,vq_materialized,vq_collapsed", args, Path(tmp))
+            base = run_bench(vocab, 1024, "dense,adaptive,vq_materialised,vq_collapsed", args, Path(tmp))
             dense = next(r for r in base if r["variant"] == "dense")
             results = [dict(r, codes=(r["codes"] if r["variant"].startswith("vq") else None)) for r in base]
             for codes in (k for k in args.codes if k != 1024):

@@ -3,9 +3,10 @@
     .venv/bin/python experiments/run_grid.py configs/experiments/refine_sp8000.yaml [--only A,B] [--list]
 
 Every run is `python -m vq_megatron.train --config <grid.config> --set ...` with the grid's defaults and the
-run's overrides; its directory is <grid.out>/<name>. A run with summary.json is skipped, so an interrupted
-grid resumes where it stopped. One failed run is reported and the others go on. This script only runs;
-experiments/report.py makes the tables and plots.
+run's overrides, in the grid's order (round-robin over `repeats`: experiments/grid.py); its directory is
+<grid.out>/<name>. A run with summary.json is skipped, so an interrupted grid resumes where it stopped.
+One failed run is reported and the others go on. This script only runs; experiments/report.py makes the
+tables and plots.
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def _source_checkpoint(grid: Grid, base: dict, spec: RunSpec, port: int) -> Path
     return run_dir / f"step_{step:08d}"
 
 
+def source_settings(spec: RunSpec, checkpoint: Path, head_rows: Path) -> dict:
+    """What a run with `source` adds to its overrides: the source's dense head rows to cluster (written by
+    convert_head to head_rows) and/or its body weights."""
+    out = {}
+    if "embeddings" in spec.use:
+        out["model.vq_init_embeddings"] = str(head_rows)
+    if "body" in spec.use:
+        out["model.init_from"] = str(checkpoint)
+    return out
+
+
 def run_spec(grid: Grid, data: dict, spec: RunSpec, port: int) -> None:
     base = data_settings(grid, data)
     settings = {**base, **spec.settings}
@@ -77,16 +89,13 @@ def run_spec(grid: Grid, data: dict, spec: RunSpec, port: int) -> None:
             print(f"[grid] {spec.name}: summary.json exists, skipped", flush=True)
             return
         checkpoint = _source_checkpoint(grid, base, spec, port)
-        if "embeddings" in spec.use:
-            emb = grid.out / f"{spec.name}.head_rows.pt"
-            if not emb.is_file():
-                cmd = [sys.executable, "-m", "vq_megatron.strategies.convert_head", str(checkpoint), "--out",
-                       str(emb), "--vocab-size", str(data["vocab"])]
-                print("[grid] $ " + " ".join(cmd), flush=True)
-                subprocess.run(cmd, check=True, cwd=ROOT)
-            settings["model.vq_init_embeddings"] = str(emb)
-        if "body" in spec.use:
-            settings["model.init_from"] = str(checkpoint)
+        emb = grid.out / f"{spec.name}.head_rows.pt"
+        if "embeddings" in spec.use and not emb.is_file():
+            cmd = [sys.executable, "-m", "vq_megatron.strategies.convert_head", str(checkpoint), "--out",
+                   str(emb), "--vocab-size", str(data["vocab"])]
+            print("[grid] $ " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        settings.update(source_settings(spec, checkpoint, emb))
     _train(grid, spec.name, settings, port=port)
 
 

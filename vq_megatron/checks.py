@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["check_token_ids", "check_map", "check_vq_shapes", "check_refine_shapes", "check_loss_options",
-           "check_reduction",
+           "check_sampling_args", "check_reduction",
            "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -96,6 +96,16 @@ def check_loss_options(label_smoothing: float, z_loss: float, refine_rank: int =
         raise ValueError(f"{prefix}label_smoothing={label_smoothing} cannot be combined with a within-code "
                          f"refinement (refine_rank={refine_rank}): it would need every code's within-code "
                          "normaliser for every token, O(N·V·r); use label_smoothing=0 or refine_rank=0")
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    """temperature finite and >= 0 (0 = greedy); top_k an integer >= 0 (0 = off); top_p in [0, 1] (1 = off)."""
+    if not (temperature >= 0.0) or temperature == float("inf"):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not (0.0 <= top_p <= 1.0):
+        raise ValueError(f"top_p must be in [0, 1] (1 = off), got {top_p}")
 
 
 def check_reduction(reduction: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -26,6 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Sequence
+
+from ..files import atomic_path
 
 __all__ = ["DEFAULT_BASE_URL", "SHARDS_PER_SPLIT", "shard_name", "shard_url", "download_c4", "main"]
 
@@ -54,19 +55,14 @@ def shard_url(base_url: str, split: str, index: int) -> str:
 
 def _fetch(url: str, target: Path, timeout: float) -> int:
     """Copy url to target via a temporary file in the same directory; return bytes written."""
-    tmp = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.part"
-    try:
+    with atomic_path(target, suffix=".part") as tmp:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "xb") as out:
             shutil.copyfileobj(response, out, _CHUNK)
             size = out.tell()
             expected = response.headers.get("Content-Length")
         if expected is not None and int(expected) != size:
             raise OSError(f"incomplete download of {url}: {size} of {expected} bytes")
-        os.replace(tmp, target)
-        return size
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return size
 
 
 def download_c4(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import secrets
 import time
 import warnings
 from collections import deque
@@ -21,6 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..files import temp_path
 from .tokenizers import TextTokenizer
 
 __all__ = ["WriteStats", "write_indexed_dataset", "optimal_dtype"]
@@ -171,7 +171,7 @@ def write_indexed_dataset(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     dtype = optimal_dtype(tokenizer.vocab_size)
     # Same directory as the result so that the final os.replace is an atomic rename.
-    tmp_prefix = str(prefix.parent / f".{prefix.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp_prefix = str(temp_path(prefix, suffix=""))
     documents = tokens = skipped = words = characters = 0
     builder = None
     try:

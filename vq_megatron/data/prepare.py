@@ -9,15 +9,14 @@ Example (bundled C4 slice, train a 1,000-piece SentencePiece BPE on the fly)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..files import atomic_write_json
 from .c4_reader import ON_ERROR_CHOICES, DataError, DocumentReader
 from .tokenizers import TextTokenizer, load_gpt2, load_sentencepiece, train_sentencepiece
 
@@ -183,14 +182,8 @@ def prepare(
         "skip_docs": skip_docs,
         "max_docs": max_docs,
     }
-    _write_json_atomic(result.meta_path, meta)
+    atomic_write_json(result.meta_path, meta)
     return result
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _positive_int(text: str) -> int:

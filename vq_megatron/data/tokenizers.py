@@ -18,9 +18,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import re
-import secrets
 import sys
 import unicodedata
 from functools import lru_cache
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import sentencepiece as spm
+
+from ..files import atomic_write_bytes
 
 __all__ = [
     "TextTokenizer",
@@ -105,19 +105,6 @@ def load_sentencepiece(model_path: str | Path) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(model_path)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would survive the rename; open() honours the umask.
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _truncated(texts: Iterable[str], max_bytes: int, errors: list[BaseException]) -> Iterator[str]:
     # The trainer silently drops sentences longer than max_sentence_length; keep their head.
     try:
@@ -189,7 +176,8 @@ def train_sentencepiece(
         raise ValueError(f"SentencePiece training failed: {err}") from err
     if not buffer.getvalue():
         raise RuntimeError("SentencePiece training produced no model (was the input empty?)")
-    _atomic_write_bytes(model_path, buffer.getvalue())
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(model_path, buffer.getvalue())
     return model_path
 
 

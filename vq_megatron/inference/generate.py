@@ -20,9 +20,8 @@ def generate_ids(model, prompt_ids: list[int], *, max_new_tokens: int, seq_lengt
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                  seed: int = 0, eod_id: int | None = None, device=None) -> list[int]:
     """Autoregressive continuation (no KV cache: each step re-reads the last seq_length tokens)."""
-    from vq_megatron.inference.dense_sampling import sample_from_logits
     from vq_megatron.layers import VQOutputLayer
-    from vq_megatron.ops.sampling import vq_sample_tensor_parallel
+    from vq_megatron.ops.sampling import sample_from_logits
     from vq_megatron.training.data import causal_mask
 
     device = device or torch.device("cpu")
@@ -37,7 +36,7 @@ def generate_ids(model, prompt_ids: list[int], *, max_new_tokens: int, seq_lengt
         options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, greedy=greedy)
         if isinstance(head, VQOutputLayer):
             hidden = model(window, positions, mask, output_processor=lambda hidden_states, **_: hidden_states)
-            token = vq_sample_tensor_parallel(head, hidden[-1], **options)       # hidden: [s, b, d]
+            token = head.sample(hidden[-1], **options)       # hidden: [s, b, d]
         else:
             logits = model(window, positions, mask, runtime_gather_output=True)[:, -1, :vocab_size]
             token = sample_from_logits(logits, **options)

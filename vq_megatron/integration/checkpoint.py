@@ -9,20 +9,20 @@ Layout: <save_dir>/step_00000100/ holds DeepSpeed's files, rng_rank<r>.pt per ra
 written by rank 0 only after every rank finished writing (temp file + os.replace), so a run killed
 mid-save never leaves a half-written checkpoint marked as complete: a step dir without MANIFEST.json is
 ignored (and pruned by the next save). On load the manifest is checked, so a truncated or corrupted file
-is reported by name, with the previous complete checkpoint offered.
+(or manifest) is reported by name, with the previous complete checkpoint offered.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from vq_megatron.files import atomic_write_json, atomic_write_text, sha256_file
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_complete_tag", "complete_tags", "verify_checkpoint",
            "CheckpointError", "rng_state", "set_rng_state", "resolve_checkpoint", "load_model_shards", "MANIFEST",
@@ -58,29 +58,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_manifest(tag_dir: Path) -> None:
     files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    _atomic_write_text(tag_dir / MANIFEST, json.dumps(entries, indent=1))
+    entries = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    atomic_write_json(tag_dir / MANIFEST, entries, indent=1)
 
 
 def complete_tags(save_dir: str | Path) -> list[str]:
     """Tags whose save finished on every rank (they have a manifest), oldest first."""
     return sorted(p.parent.name for p in Path(save_dir).glob(f"step_*/{MANIFEST}"))
+
+
+def _refusal(save_dir: str | Path, tag: str, problem: str) -> CheckpointError:
+    """The error for an unusable checkpoint: the problem, then what to resume from instead."""
+    older = [t for t in complete_tags(save_dir) if t < tag]
+    offer = (f"the previous complete checkpoint is {older[-1]}: resume from it with "
+             f"--set training.resume_tag={older[-1]}" if older else "no older complete checkpoint exists")
+    return CheckpointError(f"{problem}; {offer}")
 
 
 def latest_complete_tag(save_dir: str | Path) -> str | None:
@@ -89,32 +83,52 @@ def latest_complete_tag(save_dir: str | Path) -> str | None:
     if not marker.is_file():
         return None
     tag = marker.read_text().strip()
-    if not (Path(save_dir) / tag / MANIFEST).is_file():
-        raise CheckpointError(f"{marker} names {tag}, but {Path(save_dir) / tag / MANIFEST} is missing; "
-                              f"complete checkpoints: {complete_tags(save_dir) or 'none'}")
+    manifest = Path(save_dir) / tag / MANIFEST
+    if not manifest.is_file():
+        raise _refusal(save_dir, tag, f"{marker} names {tag}, but {manifest} is missing; "
+                                      f"complete checkpoints: {complete_tags(save_dir) or 'none'}")
     return tag
+
+
+def _is_entry(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+            and isinstance(entry.get("sha256"), str))
+
+
+def _read_manifest(save_dir: str | Path, tag: str) -> dict[str, dict]:
+    """{file name: {"bytes", "sha256"}}; a manifest damaged on disk is refused like any damaged file."""
+    path = Path(save_dir) / tag / MANIFEST
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:            # invalid JSON or UTF-8
+        raise _refusal(save_dir, tag, f"checkpoint manifest {path} is not valid JSON ({err})") from err
+    if not (isinstance(entries, dict) and all(_is_entry(e) for e in entries.values())):
+        raise _refusal(save_dir, tag, f'checkpoint manifest {path} is not a mapping of file name to '
+                                      f'{{"bytes": int, "sha256": str}} (corrupted)')
+    return entries
+
+
+def _file_problem(path: Path, expected: dict) -> str | None:
+    if not path.is_file():
+        return "is missing"
+    if path.stat().st_size != expected["bytes"]:
+        return f"has {path.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
+    if sha256_file(path) != expected["sha256"]:
+        return "does not match its SHA-256 checksum (corrupted)"
+    return None
 
 
 def verify_checkpoint(save_dir: str | Path, tag: str) -> None:
     """Check every file of a checkpoint against its manifest; raise CheckpointError naming the first bad one."""
     tag_dir = Path(save_dir) / tag
-    manifest_path = tag_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {tag_dir} is incomplete (no {MANIFEST}): it was not finished")
-    for name, expected in json.loads(manifest_path.read_text()).items():
-        path = tag_dir / name
-        problem = None
-        if not path.is_file():
-            problem = "is missing"
-        elif path.stat().st_size != expected["bytes"]:
-            problem = f"has {path.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
-        elif _sha256(path) != expected["sha256"]:
-            problem = "does not match its SHA-256 checksum (corrupted)"
+    if not tag_dir.is_dir():
+        raise _refusal(save_dir, tag, f"checkpoint {tag_dir} does not exist")
+    if not (tag_dir / MANIFEST).is_file():
+        raise _refusal(save_dir, tag, f"checkpoint {tag_dir} is incomplete (no {MANIFEST}): it was not finished")
+    for name, expected in _read_manifest(save_dir, tag).items():
+        problem = _file_problem(tag_dir / name, expected)
         if problem:
-            older = [t for t in complete_tags(save_dir) if t < tag]
-            offer = (f"the previous complete checkpoint is {older[-1]}: resume from it with "
-                     f"--set training.resume_tag={older[-1]}" if older else "no older complete checkpoint exists")
-            raise CheckpointError(f"checkpoint file {path} {problem}; {offer}")
+            raise _refusal(save_dir, tag, f"checkpoint file {tag_dir / name} {problem}")
 
 
 def _prune(save_dir: Path, keep_last: int, newest: str) -> None:
@@ -135,7 +149,7 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, *, client_state: di
     dist.barrier()
     if dist.get_rank() == 0:
         _write_manifest(save_dir / tag)
-        _atomic_write_text(save_dir / LATEST, tag)
+        atomic_write_text(save_dir / LATEST, tag)
         _prune(save_dir, keep_last, tag)
     dist.barrier()
     return tag
@@ -178,7 +192,7 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
                                     f"directory with {MANIFEST})")
     verify_checkpoint(run_dir, tag)
     if not _has_shards(run_dir / tag):
-        raise CheckpointError(f"{run_dir / tag}: no DeepSpeed model states (mp_rank_XX_model_states.pt)")
+        raise _refusal(run_dir, tag, f"{run_dir / tag}: no DeepSpeed model states (mp_rank_XX_model_states.pt)")
     return run_dir / tag
 
 
@@ -187,11 +201,13 @@ def load_model_shards(path: str | Path, tag: str | None = None) -> list[dict]:
     ckpt = resolve_checkpoint(path, tag)
     shards = sorted((int(_SHARD.search(p.name).group(1)), p) for p in ckpt.glob("mp_rank_*_model_states.pt"))
     if [r for r, _ in shards] != list(range(len(shards))):
-        raise CheckpointError(f"{ckpt}: TP shards {[r for r, _ in shards]} are not 0..{len(shards) - 1}")
+        raise _refusal(ckpt.parent, ckpt.name,
+                       f"{ckpt}: TP shards {[r for r, _ in shards]} are not 0..{len(shards) - 1}")
     states = []
     for _, file in shards:
         state = torch.load(file, map_location="cpu", weights_only=False)
         if "module" not in state:
-            raise CheckpointError(f"{file}: no 'module' state dict (not a DeepSpeed model-states file)")
+            raise _refusal(ckpt.parent, ckpt.name,
+                           f"{file}: no 'module' state dict (not a DeepSpeed model-states file)")
         states.append(state["module"])
     return states

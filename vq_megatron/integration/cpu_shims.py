@@ -1,9 +1,9 @@
 """CPU shims for megatron-core, applied only on machines without a GPU.
 
-megatron-core 0.19 hard-codes CUDA in a few places that a CPU/gloo run reaches (measured in
-shared/notes/feasibility.md §2): ~40 allocations on `torch.cuda.current_device()`, CUDA RNG state
+megatron-core 0.19 hard-codes CUDA in a few places that a CPU/gloo run reaches: ~40 allocations on `torch.cuda.current_device()`, CUDA RNG state
 tracking for tensor-parallel seeding, `torch.cuda.synchronize()` in dist_checkpointing, and the default
-causal mask built on "cuda". With a GPU none of this is touched.
+causal mask built on "cuda". With a GPU none of this is touched. The patches are process-wide while in
+force; remove_cpu_shims() (or leaving a `with cpu_shims():` block) puts the original objects back.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import contextlib
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CPURNGStatesTracker", "apply_cpu_shims", "model_parallel_seed", "cpu_shims_active",
-           "cuda_factories_on_cpu"]
+__all__ = ["CPURNGStatesTracker", "apply_cpu_shims", "remove_cpu_shims", "cpu_shims", "model_parallel_seed",
+           "cpu_shims_active", "cuda_factories_on_cpu"]
 
-_APPLIED = False
+# (owner, attribute, original object) of every patch in force, in the order applied.
+_ORIGINALS: list[tuple[object, str, object]] = []
 
 
 class CPURNGStatesTracker:
@@ -59,29 +60,52 @@ class CPURNGStatesTracker:
 
 
 def cpu_shims_active() -> bool:
-    return _APPLIED
+    return bool(_ORIGINALS)
+
+
+def _causal_mask(sq):
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
+def _patches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement) for every CUDA-only call site we reach."""
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.transformer.utils as transformer_utils
+
+    return [(torch.cuda, "current_device", lambda: torch.device("cpu")),
+            (torch.cuda, "synchronize", lambda *args, **kwargs: None),
+            (transformer_utils, "get_default_causal_mask", _causal_mask),
+            (fused_softmax, "get_default_causal_mask", _causal_mask)]
 
 
 def apply_cpu_shims() -> bool:
     """Patch megatron's CUDA-only call sites when there is no GPU. Idempotent; returns whether applied."""
-    global _APPLIED
     if torch.cuda.is_available():
         return False
-    if _APPLIED:
-        return True
-    import megatron.core.fusions.fused_softmax as fused_softmax
-    import megatron.core.transformer.utils as transformer_utils
-
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-
-    def causal_mask(sq):
-        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
-
-    transformer_utils.get_default_causal_mask = causal_mask
-    fused_softmax.get_default_causal_mask = causal_mask
-    _APPLIED = True
+    if not _ORIGINALS:
+        for owner, name, replacement in _patches():
+            _ORIGINALS.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, replacement)
     return True
+
+
+def remove_cpu_shims() -> None:
+    """Restore exactly the objects apply_cpu_shims() replaced. Idempotent."""
+    while _ORIGINALS:
+        owner, name, original = _ORIGINALS.pop()
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def cpu_shims():
+    """The shims for the duration of a block (a no-op with a GPU); restored on exit unless they were
+    already applied before the block."""
+    owned = not cpu_shims_active() and apply_cpu_shims()
+    try:
+        yield
+    finally:
+        if owned:
+            remove_cpu_shims()
 
 
 def model_parallel_seed(seed: int) -> None:

@@ -2,7 +2,7 @@
 
 DeepSpeed asks the mpu for get_model_parallel_{rank,world_size,group}, which megatron-core no longer has.
 Passing mpu=None runs but is silently wrong: DeepSpeed then averages gradients across TP ranks as if they
-were data-parallel replicas (measured in shared/notes/feasibility.md §3).
+were data-parallel replicas, and the losses drift away from the TP=1 run.
 """
 
 from __future__ import annotations

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
 
-from vq_megatron.integration.cpu_shims import apply_cpu_shims, model_parallel_seed
+from vq_megatron.integration.cpu_shims import cpu_shims, model_parallel_seed
 
 __all__ = ["default_backend", "local_device", "init_parallel", "shutdown_parallel"]
+
+# The CPU shims init_parallel applied, for shutdown_parallel to undo (shims a caller applied stay).
+_cpu_shims = contextlib.ExitStack()
 
 
 def default_backend() -> str:
@@ -32,7 +36,7 @@ def init_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, *, seed:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
-        apply_cpu_shims()
+        _cpu_shims.enter_context(cpu_shims())
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     world = dist.get_world_size()
@@ -45,12 +49,16 @@ def init_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, *, seed:
 
 
 def shutdown_parallel(barrier: bool = True) -> None:
-    """Tear down in order; without destroy_process_group gloo runs sometimes abort at exit."""
+    """Tear down in order; without destroy_process_group gloo runs sometimes abort at exit. Then undo the
+    CPU shims init_parallel applied, also when teardown fails."""
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
+    try:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            if barrier:
+                dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        _cpu_shims.close()

@@ -102,6 +102,7 @@ class VQOutputLayer(nn.Module):
         self.register_buffer("code_counts", torch.empty(0, dtype=torch.int64, device=device),
                              persistent=False)
         self._local_members: CodeMembers | None = None   # this shard's tokens by code, built on first use
+        self.sampling_cache = None                        # layers/vq_sampling.SamplingTables, built on first use
         self.set_map(full_map.to(device))
 
         self.bias = None
@@ -294,7 +295,23 @@ class VQOutputLayer(nn.Module):
         out = reduce_loss(per_token, valid, reduction)
         return out.view(labels.shape) if reduction == "none" else out
 
-    def materialized_loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+    def code_index(self):
+        """The CodeIndex of the whole map and bias (collective over TP; cached, see layers/vq_sampling.py)."""
+        from vq_megatron.layers.vq_sampling import sampling_tables
+
+        return sampling_tables(self).index
+
+    def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               generator: torch.Generator | None = None, greedy: bool = False) -> torch.Tensor:
+        """Exact sampling (or greedy decoding) of token ids [...] from final hidden states [..., d], never
+        building the V logits of VQ-Logits (a two-level head builds O(V·r) scores only when tempering or
+        filtering needs them). Collective over TP: every rank returns the same ids."""
+        from vq_megatron.layers.vq_sampling import sample_tokens
+
+        return sample_tokens(self, hidden, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                             greedy=greedy)
+
+    def materialised_loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                           label_smoothing: float | None = None, z_loss: float | None = None) -> torch.Tensor:
         """Reference path: scatter to vocab-parallel logits, then vocab-parallel CE. Per-token [s, b]."""
         eps = self.config.label_smoothing if label_smoothing is None else label_smoothing

@@ -21,26 +21,29 @@ import torch
 from vq_megatron.ops.clusters import CodeMembers, accumulation_dtype, segment_logsumexp
 from vq_megatron.ops.scatter import scatter_code_logits
 
-__all__ = ["target_code_pairs", "within_code_logsumexp", "target_refine_score", "refine_scores",
+__all__ = ["member_positions", "target_code_pairs", "within_code_logsumexp", "target_refine_score", "refine_scores",
            "refined_logits"]
 
 
 @torch.no_grad()
-def target_code_pairs(members: CodeMembers, target_code: torch.Tensor, valid: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [P], tokens [P]): for every valid row n, each member token of code target_code[n].
-
-    Rows come out grouped and ascending. One host sync reads P (the size of the output).
-    """
-    counts = torch.where(valid, members.counts[target_code], torch.zeros_like(target_code))
+def member_positions(members: CodeMembers, codes: torch.Tensor, valid: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [P], positions [P]): for every valid row n, the position in `members.tokens` of each member
+    of code codes[n]. Rows come out grouped and ascending. One host sync reads P (the output size)."""
+    counts = torch.where(valid, members.counts[codes], torch.zeros_like(codes))
     total = int(counts.sum())
-    rows = torch.repeat_interleave(torch.arange(target_code.shape[0], device=target_code.device), counts,
-                                   output_size=total)
+    rows = torch.repeat_interleave(torch.arange(codes.shape[0], device=codes.device), counts, output_size=total)
     # position of each pair inside its row's group, then offset into the code's member list
     group_start = torch.cumsum(counts, 0) - counts
-    within = torch.arange(total, device=target_code.device) - group_start[rows]
-    tokens = members.tokens[members.offsets[target_code[rows]] + within]
-    return rows, tokens
+    within = torch.arange(total, device=codes.device) - group_start[rows]
+    return rows, members.offsets[codes[rows]] + within
+
+
+def target_code_pairs(members: CodeMembers, target_code: torch.Tensor, valid: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [P], tokens [P]): for every valid row n, each member token of code target_code[n]."""
+    rows, positions = member_positions(members, target_code, valid)
+    return rows, members.tokens[positions]
 
 
 class _PairLogSumExp(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """Vocab-parallel cross-entropy over materialised logit shards, label smoothing over the global vocab.
 
-megatron-core's vocab_parallel_cross_entropy smooths over the *local* shard (its smoothed loss differs per
-TP rank, see shared/notes/feasibility.md §2c) and uses NeMo's K/(K-1) convention. This one keeps
+megatron-core's vocab_parallel_cross_entropy smooths over the *local* shard (with label_smoothing > 0 and
+TP > 1 its loss differs between TP ranks) and uses NeMo's K/(K-1) convention. This one keeps
 Megatron's reductions (max, target logit, sum-exp) via its VocabParallelCrossEntropy steps but smooths
 with torch semantics (ε/V on every real class) over the global vocabulary, so every rank gets the same
 loss and it equals F.cross_entropy. Padded vocab slots must hold -inf logits: they are excluded from

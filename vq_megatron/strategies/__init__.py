@@ -1,4 +1,4 @@
-"""Learning strategies for the VQ-Logits head beyond a fixed map (issue 6).
+"""Learning strategies for the VQ head beyond a fixed map.
 
 - two_stage: dense warm-up -> k-means of the dense output embeddings gives map + codebook, body warm-started
   (`model.init_from`); `convert_head` is its command-line step (also post-hoc compression of a dense run).

@@ -80,7 +80,8 @@ class OptimConfig:
 
 @dataclass
 class TrainingConfig:
-    """steps: optimizer steps; micro_batch_size per data-parallel rank; global_batch_size =
+    """steps: optimizer steps (0: only evaluate the initial model, e.g. a head converted post hoc from a dense
+    run with model.init_from); micro_batch_size per data-parallel rank; global_batch_size =
     micro · DP · gradient-accumulation; seed: model init, data order, dropout.
     log_interval / eval_interval / save_interval: in steps (0 disables eval/save during training).
     save_dir: checkpoints + logs (metrics.csv, tensorboard/) of this run; keep_last: checkpoints kept.
@@ -109,7 +110,9 @@ class TrainingConfig:
     max_skipped_microbatches: int = 10
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "global_batch_size", "keep_last"):
+        if self.steps < 0:
+            raise ValueError(f"training.steps must be >= 0 (0: evaluate the initial model only), got {self.steps}")
+        for name in ("micro_batch_size", "global_batch_size", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("log_interval", "eval_interval", "save_interval"):

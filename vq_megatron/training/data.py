@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vq_megatron.checks import check_token_ids
+
 __all__ = ["Batch", "build_train_dataset", "train_batch", "eval_windows", "check_token_range",
            "causal_mask", "read_meta", "token_windows", "corpus_token_counts", "check_vocab_consistency"]
 
@@ -85,11 +87,9 @@ def train_batch(dataset, *, step: int, dp_rank: int, micro: int, micro_batch_siz
 
 def check_token_range(batch: Batch, vocab_size: int) -> None:
     """Token ids >= V (a tokenizer/model mismatch) would index out of the embedding: stop clearly."""
-    hi = int(torch.maximum(batch.tokens.max(), batch.labels.max()))
-    lo = int(torch.minimum(batch.tokens.min(), batch.labels.min()))
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"data has token ids in [{lo}, {hi}] but model.vocab_size={vocab_size}: the data was "
-                         f"built with another tokenizer")
+    # One check of both: the batch is still on the CPU, and one range read costs less than two.
+    check_token_ids(torch.stack((batch.tokens, batch.labels)), vocab_size, name="training data tokens and labels",
+                    hint=f"the data was built with another tokenizer than model.vocab_size={vocab_size} assumes")
 
 
 def token_windows(stream: torch.Tensor, seq_length: int, what: str) -> torch.Tensor:

@@ -214,9 +214,9 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
 
         _print0(f"[train] body initialised from {load_body_weights(model, cfg.model.init_from)}")
     engine = _build_engine(cfg, model, dp)
-    dataset = build_train_dataset(cfg.data.train_prefix, seq_length=cfg.model.seq_length,
-                                  num_samples=t.steps * t.global_batch_size, seed=t.seed,
-                                  vocab_size=cfg.model.vocab_size, cache_dir=cfg.data.cache_dir)
+    dataset = None if t.steps == 0 else build_train_dataset(
+        cfg.data.train_prefix, seq_length=cfg.model.seq_length, num_samples=t.steps * t.global_batch_size,
+        seed=t.seed, vocab_size=cfg.model.vocab_size, cache_dir=cfg.data.cache_dir)
 
     start_step = 0
     tag = (t.resume_tag or latest_complete_tag(save_dir)) if t.resume else None

@@ -114,10 +114,10 @@ def run_case(V, K, bias, sp, eps, zl, empty, device, refine_rank=0):
     def local_hidden():
         return h_full[rows].clone().to(device).requires_grad_()
 
-    for path in ("collapsed", "materialized"):
+    for path in ("collapsed", "materialised"):
         layer.zero_grad(set_to_none=True)
         h = local_hidden()
-        fn = layer.loss if path == "collapsed" else layer.materialized_loss
+        fn = layer.loss if path == "collapsed" else layer.materialised_loss
         loss = fn(h, labels.to(device))
         (loss * weights.to(device)).sum().backward()
         where = f"{case} path={path}"

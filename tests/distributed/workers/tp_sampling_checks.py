@@ -1,4 +1,4 @@
-"""TP=N exact VQ sampling (vq_sample_tensor_parallel) vs the single-process sampler and the gathered logits.
+"""TP=N exact VQ sampling (VQOutputLayer.sample) vs the single-process sampler and the gathered logits.
 
 Run: torchrun --nproc_per_node=N tests/distributed/workers/tp_sampling_checks.py
 Checks on every rank (any mismatch raises and fails the launch):
@@ -20,9 +20,7 @@ from megatron.core import parallel_state as ps
 from vq_megatron.config import VQLogitsConfig
 from vq_megatron.integration.distributed import init_parallel, local_device, shutdown_parallel
 from vq_megatron.layers import VQOutputLayer
-from vq_megatron.ops.sampling import (
-    CodeIndex, tensor_parallel_code_index, vq_filtered_probs, vq_sample, vq_sample_tensor_parallel,
-)
+from vq_megatron.ops.sampling import CodeIndex, vq_filtered_probs, vq_sample
 from vq_megatron.ops.scatter import code_logits
 
 V, D, K = 103, 16, 9
@@ -64,7 +62,7 @@ def main():
 
     full_map = layer.global_token_to_code
     ref_index = CodeIndex.build(full_map, K, full_bias.to(device))
-    tp_index = tensor_parallel_code_index(layer)
+    tp_index = layer.code_index()
     for name in ("tokens", "offsets", "bias64"):
         assert torch.equal(getattr(tp_index, name), getattr(ref_index, name)), f"index {name} differs"
         assert_identical_across_tp(getattr(tp_index, name), f"index {name}")
@@ -81,7 +79,7 @@ def main():
     # (i) sampled ids: identical on every TP rank and equal to the single-process draw
     draws = 0
     for temp, k, p in grid:
-        tokens = vq_sample_tensor_parallel(layer, hidden, temperature=temp, top_k=k, top_p=p,
+        tokens = layer.sample(hidden, temperature=temp, top_k=k, top_p=p,
                                            generator=generator(device, 11 + draws))
         expected = vq_sample(z, ref_index, temperature=temp, top_k=k, top_p=p,
                              generator=generator(device, 11 + draws))
@@ -94,25 +92,25 @@ def main():
     with torch.no_grad():
         logits, _ = layer(hidden, runtime_gather_output=True)
     argmax = logits[..., :V].argmax(-1)
-    greedy = vq_sample_tensor_parallel(layer, hidden, greedy=True)
+    greedy = layer.sample(hidden, greedy=True)
     assert torch.equal(greedy, argmax), "greedy != argmax of the gathered logits"
-    assert torch.equal(vq_sample_tensor_parallel(layer, hidden, temperature=0.0), argmax)
+    assert torch.equal(layer.sample(hidden, temperature=0.0), argmax)
     assert_identical_across_tp(greedy, "greedy ids")
     sp_layer = make_layer(device, full_bias, sequence_parallel=True)
     chunk = hidden.shape[0] // T
-    sp_greedy = vq_sample_tensor_parallel(sp_layer, hidden[rank * chunk:(rank + 1) * chunk], greedy=True)
+    sp_greedy = sp_layer.sample(hidden[rank * chunk:(rank + 1) * chunk], greedy=True)
     assert torch.equal(sp_greedy, argmax), "sequence-parallel greedy != argmax of the gathered logits"
 
     # (iv) cache: reused while unchanged; a change on ONE rank's shard rebuilds the index on all ranks
-    assert tensor_parallel_code_index(layer) is tp_index
+    assert layer.code_index() is tp_index
     if rank == T - 1:
         layer.bias.data[0] += 5.0
-    rebuilt = tensor_parallel_code_index(layer)
+    rebuilt = layer.code_index()
     assert rebuilt is not tp_index
     assert_identical_across_tp(rebuilt.tokens, "rebuilt index tokens")
     with torch.no_grad():
         logits, _ = layer(hidden, runtime_gather_output=True)
-    assert torch.equal(vq_sample_tensor_parallel(layer, hidden, greedy=True), logits[..., :V].argmax(-1))
+    assert torch.equal(layer.sample(hidden, greedy=True), logits[..., :V].argmax(-1))
 
     if dist.get_rank() == 0:
         print(f"tp_sampling: ok at TP={T} ({len(grid) * 6} distributions, {draws} draws, greedy, SP, cache)")

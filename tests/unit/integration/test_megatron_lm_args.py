@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
 from types import SimpleNamespace
 
@@ -13,7 +15,8 @@ import torch
 from vq_megatron.config import VQLogitsConfig
 from vq_megatron.integration import megatron_lm
 from vq_megatron.integration.megatron_lm import (
-    add_vq_args, load_vq_init_tensors, model_provider, vq_config_from_args, vq_vocab_size_from_args,
+    UNEXPOSED_FIELDS, VQ_CONFIG_FLAGS, add_vq_args, load_vq_init_tensors, model_provider, vq_config_from_args,
+    vq_vocab_size_from_args,
 )
 
 FULL_VQ_CLI = [
@@ -25,7 +28,17 @@ FULL_VQ_CLI = [
 VQ_FLAGS = ["--output-layer-type", "--vq-codebook-size", "--vq-vocab-size", "--vq-map-init",
             "--vq-codebook-init", "--vq-codebook-init-std", "--vq-per-token-bias", "--vq-bias-init", "--vq-seed",
             "--vq-kmeans-iters", "--vq-spherical-kmeans", "--vq-label-smoothing", "--vq-z-loss",
+            "--vq-refine-rank", "--vq-refine-init", "--vq-refine-init-std",
             "--vq-token-counts", "--vq-init-embeddings"]
+# A field name as a word: what an error shown to a command-line user must not contain.
+FIELD_WORD = re.compile(r"\b(%s)\b" % "|".join(f.name for f in dataclasses.fields(VQLogitsConfig)))
+
+
+def assert_names_flags(error: ValueError, flags) -> None:
+    message = str(error)
+    for flag in flags:
+        assert flag in message
+    assert "VQLogitsConfig." not in message and not FIELD_WORD.search(message), message
 
 
 def vq_parser() -> argparse.ArgumentParser:
@@ -80,9 +93,38 @@ def test_every_flag_is_in_help_with_text():
     assert "--untie-embeddings-and-output-weights" in options["--output-layer-type"].help
 
 
+def test_every_config_field_has_a_flag_or_a_reason():
+    fields = {f.name for f in dataclasses.fields(VQLogitsConfig)}
+    assert not set(VQ_CONFIG_FLAGS) & set(UNEXPOSED_FIELDS)
+    assert set(VQ_CONFIG_FLAGS) | set(UNEXPOSED_FIELDS) == fields, "a new VQLogitsConfig field needs a row"
+    assert all(len(reason) > 10 for reason in UNEXPOSED_FIELDS.values())
+
+
+def test_table_flags_take_the_config_defaults():
+    actions = {action.dest: action for action in vq_parser()._actions}
+    for field in dataclasses.fields(VQLogitsConfig):
+        row = VQ_CONFIG_FLAGS.get(field.name)
+        if row is not None:
+            action = actions[row.dest]
+            assert action.option_strings == [row.flag]
+            assert action.default == (None if row.fallback else field.default), row.flag
+
+
+def test_refine_flags_parse_into_the_config():
+    args = vq_parser().parse_args(["--vq-refine-rank", "8", "--vq-refine-init", "zeros",
+                                   "--vq-refine-init-std", "0.05"])
+    assert args.vq_refine_rank == 8 and args.vq_refine_init == "zeros"
+    assert args.vq_refine_init_std == pytest.approx(0.05)
+    cfg = vq_config_from_args(args, vocab_size=5000, hidden_size=32)
+    assert cfg == VQLogitsConfig(vocab_size=5000, hidden_size=32, refine_rank=8, refine_init="zeros",
+                                 refine_init_std=0.05)
+    assert cfg.refined
+
+
 @pytest.mark.parametrize("argv", [
     ["--output-layer-type", "sparse"], ["--vq-map-init", "kmeanz"], ["--vq-codebook-init", "uniform"],
     ["--vq-codebook-size", "lots"], ["--vq-z-loss", "x"], ["--vq-per-token-bias", "yes"],
+    ["--vq-refine-init", "pca"], ["--vq-refine-rank", "2.5"],
 ])
 def test_bad_values_exit(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -128,8 +170,8 @@ def test_vq_config_from_args_values():
     assert vq_config_from_args(args, vocab_size=5000, hidden_size=48).seed == 99
 
 
-@pytest.mark.parametrize("argv, vocab, flags", [
-    (["--vq-codebook-size", "600"], 500, ["--vq-codebook-size"]),
+CONFIG_ERROR_CASES = [
+    (["--vq-codebook-size", "600"], 500, ["--vq-codebook-size 600", "the vocabulary size 500"]),
     (["--vq-codebook-size", "0"], 5000, ["--vq-codebook-size"]),
     (["--vq-label-smoothing", "1.0"], 5000, ["--vq-label-smoothing"]),
     (["--vq-z-loss", "-1"], 5000, ["--vq-z-loss"]),
@@ -138,14 +180,44 @@ def test_vq_config_from_args_values():
     (["--vq-map-init", "frequency"], 5000, ["--vq-token-counts"]),
     (["--vq-map-init", "kmeans"], 5000, ["--vq-init-embeddings"]),
     (["--vq-token-counts", "c.npy"], 5000, ["--vq-token-counts", "frequency"]),
-])
+    (["--vq-init-embeddings", "e.npy"], 5000, ["--vq-init-embeddings", "kmeans"]),
+    (["--vq-bias-init", "unigram"], 5000, ["--vq-token-counts"]),
+    (["--vq-bias-init", "unigram", "--vq-token-counts", "c.npy"], 5000,
+     ["--vq-bias-init unigram", "--vq-per-token-bias"]),
+    (["--vq-kmeans-iters", "0"], 5000, ["--vq-kmeans-iters"]),
+    (["--vq-refine-rank", "-1"], 5000, ["--vq-refine-rank"]),
+    (["--vq-refine-rank", "64"], 5000, ["--vq-refine-rank 64", "--hidden-size 32"]),
+    (["--vq-refine-rank", "8", "--vq-label-smoothing", "0.1"], 5000,
+     ["--vq-label-smoothing 0.1", "--vq-refine-rank 8", "use --vq-label-smoothing 0 or --vq-refine-rank 0"]),
+    (["--vq-refine-init", "svd"], 5000,
+     ["--vq-refine-init svd", "--vq-map-init kmeans", "--vq-codebook-init kmeans"]),
+    (["--vq-refine-init-std", "0"], 5000, ["--vq-refine-init-std"]),
+]
+# Table fields that no value of their flag makes invalid: they have no error to provoke.
+ANY_VALUE_IS_VALID = {"seed", "spherical_kmeans"}
+
+
+@pytest.mark.parametrize("argv, vocab, flags", CONFIG_ERROR_CASES)
 def test_vq_config_errors_name_the_flags(argv, vocab, flags):
     args = vq_parser().parse_args(["--output-layer-type", "vq", *argv])
     with pytest.raises(ValueError) as exc:
         vq_config_from_args(args, vocab_size=vocab, hidden_size=32)
-    for flag in flags:
-        assert flag in str(exc.value)
-    assert "VQLogitsConfig." not in str(exc.value)
+    assert_names_flags(exc.value, flags)
+
+
+def test_error_cases_cover_every_flag_of_the_table():
+    named = {word for _, _, flags in CONFIG_ERROR_CASES for text in flags for word in text.split()}
+    unprovoked = [row.flag for field, row in VQ_CONFIG_FLAGS.items()
+                  if row.flag not in named and field not in ANY_VALUE_IS_VALID]
+    assert not unprovoked, f"add a CONFIG_ERROR_CASES entry whose error names {unprovoked}"
+
+
+@pytest.mark.parametrize("field", [field for field, row in VQ_CONFIG_FLAGS.items() if row.choices])
+def test_bad_choice_in_a_hand_made_namespace_names_the_flag(field):
+    row = VQ_CONFIG_FLAGS[field]  # argparse rejects it first on a command line; a namespace skips that
+    with pytest.raises(ValueError) as exc:
+        vq_config_from_args(SimpleNamespace(**{row.dest: "bogus"}), vocab_size=5000, hidden_size=32)
+    assert_names_flags(exc.value, [f"{row.flag} bogus is not one of"])
 
 
 def test_vocab_size_resolution(monkeypatch):
@@ -266,6 +338,35 @@ def test_vq_with_tied_embeddings_is_refused():
     args = model_args("--output-layer-type", "vq", untie_embeddings_and_output_weights=False)
     with pytest.raises(ValueError, match="--untie-embeddings-and-output-weights"):
         model_provider(args=args)
+
+
+def test_vq_model_provider_builds_the_refined_head(parallel):
+    layer = model_provider(args=model_args("--output-layer-type", "vq", "--vq-codebook-size", "16",
+                                           "--vq-refine-rank", "4")).output_layer
+    assert layer.config.refine_rank == 4
+    assert tuple(layer.refine_weight.shape) == (256, 4) and tuple(layer.refine_proj.shape) == (4, 32)
+
+
+@pytest.mark.parametrize("argv, flags", [
+    (["--vq-vocab-size", "0"], ["the vocabulary size (--vq-vocab-size) must be a positive integer"]),
+    (["--vq-refine-rank", "64"], ["--vq-refine-rank 64 exceeds --hidden-size 32"]),
+])
+def test_model_provider_config_errors_name_the_flags(argv, flags):
+    with pytest.raises(ValueError) as exc:
+        model_provider(args=model_args("--output-layer-type", "vq", "--vq-codebook-size", "16", *argv))
+    assert_names_flags(exc.value, flags)
+
+
+def test_model_provider_layer_errors_name_the_flags(parallel, tmp_path):
+    # The layer finds this one (the embeddings' width is known once they are read): "codebook_init='kmeans'
+    # needs embeddings of width hidden_size=32".
+    np.save(tmp_path / "emb.npy", np.random.default_rng(0).standard_normal((200, 48)).astype(np.float32))
+    args = model_args("--output-layer-type", "vq", "--vq-codebook-size", "16", "--vq-map-init", "kmeans",
+                      "--vq-codebook-init", "kmeans", "--vq-kmeans-iters", "2",
+                      "--vq-init-embeddings", str(tmp_path / "emb.npy"))
+    with pytest.raises(ValueError) as exc:
+        model_provider(args=args)
+    assert_names_flags(exc.value, ["--vq-codebook-init kmeans", "--hidden-size 32"])
 
 
 def test_unsupported_options_are_refused():

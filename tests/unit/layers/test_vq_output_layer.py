@@ -41,7 +41,7 @@ def test_loss_and_forward_match_functional_api():
     torch.testing.assert_close(logits, vq_logits(h, layer.codebook, layer.token_to_code, layer.bias))
     expected = vq_cross_entropy(h, layer.codebook, layer.token_to_code, y, layer.bias, reduction="none")
     torch.testing.assert_close(layer.loss(h, y), expected)
-    torch.testing.assert_close(layer.materialized_loss(h, y), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.materialised_loss(h, y), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_vocab_gives_minus_inf_and_no_mass():

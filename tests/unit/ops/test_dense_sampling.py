@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vq_megatron.functional import vq_logits
-from vq_megatron.inference.dense_sampling import filtered_probs, sample_from_logits
+from vq_megatron.ops.sampling import filtered_probs, sample_from_logits
 from vq_megatron.ops.sampling import CodeIndex, vq_filtered_probs
 
 

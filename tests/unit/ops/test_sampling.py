@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from vq_megatron.ops import sampling
+from vq_megatron.ops.sampling import threshold as sampling
 from vq_megatron.ops.clusters import code_log_mass
 from vq_megatron.ops.sampling import CodeIndex, vq_filtered_probs, vq_greedy, vq_sample
 from vq_megatron.ops.scatter import scatter_code_logits
@@ -328,7 +328,6 @@ def test_never_materialises_n_by_v(bias):
 def test_tensor_parallel_entry_point_single_process():
     from vq_megatron.config import VQLogitsConfig
     from vq_megatron.layers import VQOutputLayer
-    from vq_megatron.ops.sampling import tensor_parallel_code_index, vq_sample_tensor_parallel
 
     layer = VQOutputLayer(VQLogitsConfig(vocab_size=103, hidden_size=16, codebook_size=9, per_token_bias=True,
                                          codebook_init_std=0.5))
@@ -336,14 +335,14 @@ def test_tensor_parallel_entry_point_single_process():
     with torch.no_grad():
         layer.bias.copy_(torch.randn(103, generator=g))
     h = torch.randn(4, 2, 16, generator=g)
-    index = tensor_parallel_code_index(layer)
-    assert tensor_parallel_code_index(layer) is index  # cached while map and bias are unchanged
+    index = layer.code_index()
+    assert layer.code_index() is index  # cached while map and bias are unchanged
     ref = CodeIndex.build(layer.global_token_to_code, 9, layer.bias.detach())
     z = h @ layer.codebook.detach().t()
-    got = vq_sample_tensor_parallel(layer, h, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    got = layer.sample(h, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert torch.equal(got, vq_sample(z, ref, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3)))
-    greedy = vq_sample_tensor_parallel(layer, h, greedy=True)
+    greedy = layer.sample(h, greedy=True)
     assert torch.equal(greedy, torch.argmax(layer(h)[0], -1))
     with torch.no_grad():
         layer.bias.data.add_(1.0)  # through .data: no version bump, still detected
-    assert tensor_parallel_code_index(layer) is not index
+    assert layer.code_index() is not index

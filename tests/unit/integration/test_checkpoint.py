@@ -1,0 +1,146 @@
+"""Checkpoint manifests on fake checkpoints: what verify/resolve/load accept, and how they refuse damage."""
+
+import json
+
+import pytest
+import torch
+
+from vq_megatron.files import atomic_write_text
+from vq_megatron.integration.checkpoint import (LATEST, MANIFEST, CheckpointError, _write_manifest, complete_tags,
+                                                latest_complete_tag, load_model_shards, resolve_checkpoint,
+                                                verify_checkpoint)
+
+OFFER_4 = "resume from it with --set training.resume_tag=step_00000004"
+
+
+def _tag(step):
+    return f"step_{step:08d}"
+
+
+def _step_dir(run, step, ranks=(0,)):
+    """What DeepSpeed and save_checkpoint leave in a step directory, without the manifest."""
+    tag_dir = run / _tag(step)
+    tag_dir.mkdir(parents=True)
+    for rank in ranks:
+        torch.save({"module": {"weight": torch.full((2,), float(rank))}}, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
+    (tag_dir / "rng_rank00000.pt").write_bytes(b"rng state of rank 0")
+    return tag_dir
+
+
+def _publish(run, step, ranks=(0,)):
+    """A complete checkpoint, published as save_checkpoint does on rank 0."""
+    tag_dir = _step_dir(run, step, ranks)
+    _write_manifest(tag_dir)
+    atomic_write_text(run / LATEST, tag_dir.name)
+    return tag_dir
+
+
+@pytest.fixture
+def run(tmp_path):
+    _publish(tmp_path, 4)
+    _publish(tmp_path, 8)
+    return tmp_path
+
+
+def _refusal(call, *args):
+    with pytest.raises(CheckpointError) as info:
+        call(*args)
+    return str(info.value)
+
+
+def test_resolve_a_run_dir_a_run_dir_and_tag_or_a_step_dir(run):
+    assert complete_tags(run) == [_tag(4), _tag(8)] and latest_complete_tag(run) == _tag(8)
+    assert resolve_checkpoint(run) == run / _tag(8)
+    assert resolve_checkpoint(run, _tag(4)) == run / _tag(4)
+    assert resolve_checkpoint(run / _tag(4)) == run / _tag(4)
+
+
+def test_a_step_dir_without_manifest_is_not_complete(run):
+    _step_dir(run, 12)                      # a save killed before rank 0 wrote the manifest
+    assert complete_tags(run) == [_tag(4), _tag(8)] and latest_complete_tag(run) == _tag(8)
+    message = _refusal(resolve_checkpoint, run / _tag(12))
+    assert f"checkpoint {run / _tag(12)} is incomplete" in message
+    assert "resume from it with --set training.resume_tag=step_00000008" in message
+
+
+def test_no_checkpoint_and_an_unknown_tag(run, tmp_path_factory):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path_factory.mktemp("empty"))
+    message = _refusal(resolve_checkpoint, run, _tag(6))
+    assert f"checkpoint {run / _tag(6)} does not exist" in message and OFFER_4 in message
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:10])
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF            # same size: only the checksum can tell
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_truncate, "(truncated?)"),
+    (_flip_a_byte, "does not match its SHA-256 checksum (corrupted)"),
+    (lambda path: path.unlink(), "is missing"),
+])
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "rng_rank00000.pt"])
+def test_a_damaged_file_is_named_and_the_previous_checkpoint_offered(run, damage, problem, name):
+    victim = run / _tag(8) / name
+    damage(victim)
+    message = _refusal(resolve_checkpoint, run)
+    assert f"checkpoint file {victim} " in message and problem in message and OFFER_4 in message
+
+
+def test_damage_in_the_oldest_checkpoint_offers_nothing_older(run):
+    _truncate(run / _tag(4) / "rng_rank00000.pt")
+    message = _refusal(verify_checkpoint, run, _tag(4))
+    assert "(truncated?)" in message and "no older complete checkpoint exists" in message
+
+
+@pytest.mark.parametrize("text", [
+    '{"mp_rank_00_model_states.pt": {"bytes": 12',          # cut off mid-write
+    b"\xff\xfe not text",                                   # not UTF-8
+    '["mp_rank_00_model_states.pt"]',                       # JSON, but not a mapping
+    '{"mp_rank_00_model_states.pt": {"bytes": "12"}}',      # a mapping with a malformed entry
+])
+def test_a_corrupt_manifest_is_named_and_the_previous_checkpoint_offered(run, text):
+    manifest = run / _tag(8) / MANIFEST
+    manifest.write_bytes(text if isinstance(text, bytes) else text.encode())
+    message = _refusal(resolve_checkpoint, run)
+    assert f"checkpoint manifest {manifest} is not" in message and OFFER_4 in message
+
+
+def test_latest_complete_naming_a_tag_without_manifest_offers_the_previous_one(run):
+    (run / _tag(8) / MANIFEST).unlink()
+    message = _refusal(latest_complete_tag, run)
+    assert f"{run / LATEST} names {_tag(8)}" in message and OFFER_4 in message
+
+
+def test_model_shards_come_in_tp_rank_order(tmp_path):
+    _publish(tmp_path, 4, ranks=(2, 0, 1))
+    shards = load_model_shards(tmp_path)
+    assert [float(shard["weight"][0]) for shard in shards] == [0.0, 1.0, 2.0]
+
+
+def test_a_gap_in_shard_numbers_is_refused(run):
+    _publish(run, 12, ranks=(0, 2))
+    message = _refusal(load_model_shards, run)
+    assert f"{run / _tag(12)}: TP shards [0, 2] are not 0..1" in message
+    assert "resume from it with --set training.resume_tag=step_00000008" in message
+
+
+def test_a_shard_without_module_state_is_refused(run):
+    tag_dir = _step_dir(run, 12)
+    torch.save({"optimizer": {}}, tag_dir / "mp_rank_00_model_states.pt")
+    _write_manifest(tag_dir)
+    message = _refusal(load_model_shards, tag_dir)
+    assert "mp_rank_00_model_states.pt: no 'module' state dict" in message
+
+
+def test_manifest_lists_size_and_checksum_of_every_file(run):
+    entries = json.loads((run / _tag(8) / MANIFEST).read_text())
+    assert sorted(entries) == ["mp_rank_00_model_states.pt", "rng_rank00000.pt"]
+    assert entries["rng_rank00000.pt"]["bytes"] == len(b"rng state of rank 0")
+    verify_checkpoint(run, _tag(8))
