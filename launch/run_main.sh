@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The README's main job: install, prepare the bundled C4 slice, train a small GPT with a dense head and
-# with a VQ-Logits head (identical body, data, steps and seed) under the DeepSpeed launcher, evaluate both
-# on C4 validation (+ WikiText-2 valid when ../shared/data is present) and print a side-by-side table.
+# The README's main job: install, prepare the bundled C4 slice, train a small GPT three times under the
+# DeepSpeed launcher -- a dense head, VQ-Logits as in the paper (vq.refine_rank=0) and the two-level VQ head
+# (VQ-Logits + rank-8 within-code refinement, the configs' default) -- with identical body, data, steps and
+# seed, evaluate all three on C4 validation (+ WikiText-2 valid when ../shared/data is present) and print
+# a side-by-side table.
 # Defaults run on CPU (2 processes, TP=2, a few minutes per run); the same script scales by config.
 # Env: CONFIG (configs/c4_small.yaml), OUT (runs/c4_small), DATA (runs/data), VOCAB_SIZE (8000),
 #      STEPS (from CONFIG), WIKITEXT (../shared/data/wikitext-2/wiki.valid.tokens.gz), NUM_GPUS,
-#      RESUME (0: start both runs afresh). Extra arguments are passed to the trainer (e.g. --set ...).
+#      REFINE_RANK (8: the two-level head's rank), RESUME (0: start the runs afresh). Extra arguments are
+#      passed to the trainer of all three runs (e.g. --set ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
@@ -35,13 +38,19 @@ else
   echo "[main] $WIKITEXT not found: WikiText evaluation skipped (see ../shared/data/README.md)"
 fi
 
-for HEAD in dense vq; do
-  [[ "${RESUME:-0}" == 1 ]] || rm -rf "$OUT/$HEAD"
-  echo "[main] training output_layer=$HEAD -> $OUT/$HEAD"
-  bash launch/train_deepspeed.sh --config "$CONFIG" --set "model.output_layer=$HEAD" \
+# run name -> the head's overrides (everything else comes from $CONFIG)
+declare -A HEADS=([dense]="model.output_layer=dense" [vq_logits]="model.output_layer=vq model.vq.refine_rank=0"
+                  [vq_refined]="model.output_layer=vq model.vq.refine_rank=${REFINE_RANK:-8}")
+RUNS=(dense vq_logits vq_refined)
+for RUN in "${RUNS[@]}"; do
+  [[ "${RESUME:-0}" == 1 ]] || rm -rf "${OUT:?}/$RUN"
+  HEAD_SETS=()
+  for s in ${HEADS[$RUN]}; do HEAD_SETS+=(--set "$s"); done
+  echo "[main] training $RUN (${HEADS[$RUN]}) -> $OUT/$RUN"
+  bash launch/train_deepspeed.sh --config "$CONFIG" "${HEAD_SETS[@]}" \
     --set "model.vocab_size=$VOCAB_SIZE" --set "data.train_prefix=$DATA/c4_train" \
-    --set "data.tokenizer_model=$SP_MODEL" --set "training.save_dir=$OUT/$HEAD" "${SETS[@]}" \
+    --set "data.tokenizer_model=$SP_MODEL" --set "training.save_dir=$OUT/$RUN" "${SETS[@]}" \
     ${STEPS:+--set "training.steps=$STEPS"} "$@"
 done
-echo "[main] dense vs VQ (first row is the baseline):"
-$PY -m vq_megatron.compare "$OUT/dense" "$OUT/vq" --out "$OUT/comparison"
+echo "[main] dense vs VQ-Logits vs the two-level VQ head (first row is the baseline):"
+$PY -m vq_megatron.compare "${RUNS[@]/#/$OUT/}" --out "$OUT/comparison"

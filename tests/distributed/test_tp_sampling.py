@@ -9,4 +9,4 @@ pytestmark = pytest.mark.distributed
 
 def test_tp_sampling_matches_single_process():
     out = run_torchrun("tp_sampling_checks.py", 2)
-    assert "tp_sampling: ok at TP=2" in out
+    assert "tp_sampling: ok at TP=2" in out and "two-level head" in out

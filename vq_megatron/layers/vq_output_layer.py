@@ -167,11 +167,16 @@ class VQOutputLayer(nn.Module):
     def _check_map(self, full_map: torch.Tensor) -> None:
         check_map(full_map, self.num_codes, vocab_size=self.vocab_size, context=f"codebook_size={self.num_codes}")
 
+    def _agree(self, tensor: torch.Tensor, replica_group=None) -> torch.Tensor:
+        """Every rank takes TP rank 0's values, then (with replica_group, e.g. data parallel) every replica
+        takes the first replica's: computed once, identical everywhere, whatever the arithmetic did."""
+        return broadcast_from_first_rank(broadcast_from_first_rank(tensor, self.tp.group), replica_group)
+
     @torch.no_grad()
-    def set_map(self, full_map: torch.Tensor) -> None:
-        """Install a new global map [V]; identical on every TP rank (taken from TP rank 0)."""
-        full_map = broadcast_from_first_rank(full_map.to(self.token_to_code.device, torch.int64).clone(),
-                                             self.tp.group)
+    def set_map(self, full_map: torch.Tensor, *, replica_group=None) -> None:
+        """Install a new global map [V]; identical on every TP rank (taken from TP rank 0) and, with
+        replica_group, on every replica (taken from the first)."""
+        full_map = self._agree(full_map.to(self.token_to_code.device, torch.int64).clone(), replica_group)
         self._check_map(full_map)
         padded = torch.full((self.padded_vocab_size,), -1, dtype=torch.int64, device=full_map.device)
         padded[: self.vocab_size] = full_map
@@ -199,13 +204,15 @@ class VQOutputLayer(nn.Module):
 
     @torch.no_grad()
     def rebuild_map(self, embeddings: torch.Tensor, *, method: str = "kmeans",
-                    reinit_codebook: bool = False) -> float:
+                    reinit_codebook: bool = False, replica_group=None) -> float:
         """Re-cluster the vocabulary from embedding rows [V, d'] during training.
 
         method 'kmeans': k-means of the rows (the codebook is replaced by the centroids if
         reinit_codebook and the widths match); 'nearest': move each token to its nearest current code
-        (needs d' == d). Counts and the replicated map stay consistent. Returns the fraction of tokens
-        whose code changed.
+        (needs d' == d). Counts and the replicated map stay consistent. The map and centroids are taken
+        from TP rank 0 of the first replica of `replica_group` (the data-parallel group in training), so
+        every rank of every group holds the same head. Returns the fraction of tokens whose code changed.
+        An optimizer that keeps master copies (DeepSpeed ZeRO) must be told about the new codebook.
         """
         if embeddings.shape[0] < self.vocab_size:
             raise ValueError(f"embeddings have {embeddings.shape[0]} rows, need vocab_size={self.vocab_size}")
@@ -218,15 +225,15 @@ class VQOutputLayer(nn.Module):
             if reinit_codebook:
                 if centroids.shape[1] != self.codebook.shape[1]:
                     raise ValueError("reinit_codebook needs embeddings of the codebook's width")
-                self.codebook.copy_(broadcast_from_first_rank(
-                    centroids.to(self.codebook.device, self.codebook.dtype).contiguous(), self.tp.group))
+                self.codebook.copy_(self._agree(
+                    centroids.to(self.codebook.device, self.codebook.dtype).contiguous(), replica_group))
         elif method == "nearest":
             new_map = nearest_code_map(rows, self.codebook.detach().float(),
                                        spherical=self.config.spherical_kmeans)
         else:
             raise ValueError(f"rebuild_map method must be 'kmeans' or 'nearest', got {method!r}")
         old_map = self.global_token_to_code.clone()
-        self.set_map(new_map)
+        self.set_map(new_map, replica_group=replica_group)
         return float((old_map != self.global_token_to_code).float().mean())
 
     # ---------------------------------------------------------------- compute

@@ -22,10 +22,12 @@ def gather_input_embeddings(model, vocab_size: int, tp_group=None) -> torch.Tens
 
 @torch.no_grad()
 def recluster_from_input_embeddings(model, *, method: str = "kmeans", reinit_codebook: bool = False,
-                                    tp_group=None) -> float:
-    """Rebuild model.output_layer's map from the input embeddings; returns the fraction of tokens moved."""
+                                    tp_group=None, replica_group=None) -> float:
+    """Rebuild model.output_layer's map from the input embeddings; returns the fraction of tokens moved.
+
+    replica_group: the data-parallel group in training; every replica installs the first one's map."""
     layer = getattr(model, "output_layer", None)
     if not isinstance(layer, VQOutputLayer):
         raise TypeError("recluster needs a model whose output_layer is a VQOutputLayer")
     rows = gather_input_embeddings(model, layer.vocab_size, tp_group if tp_group is not None else layer.tp.group)
-    return layer.rebuild_map(rows, method=method, reinit_codebook=reinit_codebook)
+    return layer.rebuild_map(rows, method=method, reinit_codebook=reinit_codebook, replica_group=replica_group)

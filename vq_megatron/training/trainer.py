@@ -72,17 +72,25 @@ def _vq_init_data(cfg: RunConfig) -> dict:
 
 def _maybe_recluster(model, cfg: RunConfig, step: int) -> None:
     """Every vq.recluster_interval steps (not after the last), re-cluster the VQ map from the model's input
-    embedding rows (gathered across TP, cut to V); see VQLogitsConfig.recluster_*."""
+    embedding rows (gathered across TP, cut to V); see VQLogitsConfig.recluster_*. The map is computed once
+    and broadcast over TP and data parallel; a re-initialised codebook is written into the optimizer's
+    fp32 master copy too (ZeRO keeps one: writing the module parameter alone is undone by the next step)."""
     layer = getattr(model, "output_layer", None)
     if not isinstance(layer, VQOutputLayer):
         return
     vq = layer.config
     if not vq.recluster_interval or step % vq.recluster_interval or step >= cfg.training.steps:
         return
+    from deepspeed.utils import safe_set_full_fp32_param
+    from megatron.core import parallel_state as ps
+
     from vq_megatron.strategies.recluster import recluster_from_input_embeddings
 
+    replicas = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
     changed = recluster_from_input_embeddings(model, method=vq.recluster_method,
-                                              reinit_codebook=vq.recluster_reinit_codebook)
+                                              reinit_codebook=vq.recluster_reinit_codebook, replica_group=replicas)
+    if vq.recluster_method == "kmeans" and vq.recluster_reinit_codebook:
+        safe_set_full_fp32_param(layer.codebook, layer.codebook.detach().float())
     _print0(f"[train] step {step}: re-clustered the VQ map ({vq.recluster_method}), {changed:.1%} of tokens moved")
 
 
@@ -98,6 +106,13 @@ def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
               steps_per_print=10 ** 9)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.training.precision == "bf16"}
     ds.setdefault("zero_allow_untested_optimizer", True)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"training.deepspeed_config {path}: ZeRO stage {stage} is not supported: stage 3 partitions "
+                         "the parameters and gathers them only around module forwards, but the output layer's "
+                         "loss reads its codebook outside its own forward; use ZeRO stage 1 or 2 "
+                         "(configs/deepspeed/zero1_fp32.json, zero2_fp32.json), which shard the optimizer state "
+                         "(and gradients)")
     return ds
 
 
@@ -125,6 +140,12 @@ class _NonFiniteGuard:
             raise FloatingPointError(f"{self.in_a_row} non-finite micro-batches in a row (last at {where}): "
                                      f"stopping (training.max_skipped_microbatches={self.max_in_a_row})")
         return True
+
+
+def _global_grad_norm(engine) -> float:
+    """The global gradient norm (before clipping) of the last optimizer step, NaN where DeepSpeed has none."""
+    norm = engine.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)
 
 
 def _zero_gradient_loss(engine) -> torch.Tensor:
@@ -228,7 +249,7 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     mask = causal_mask(cfg.model.seq_length, device)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     progress = _progress(start_step, t.steps)
-    losses, step_times = {}, []
+    losses, grad_norms, step_times = {}, {}, []
     guard = _NonFiniteGuard(t.nan_policy, t.max_skipped_microbatches)
     step = start_step
     stop_at = min(t.steps, start_step + exit_after_steps) if exit_after_steps else t.steps
@@ -252,9 +273,11 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
         _maybe_recluster(engine.module, cfg, step)
         step_times.append(time.perf_counter() - began)
         losses[step] = float(step_loss)
+        grad_norms[step] = _global_grad_norm(engine)
         progress.update(1, losses[step])
         if t.log_interval and (step % t.log_interval == 0 or step == t.steps):
             logger.log(step, "train", {"loss": losses[step], "lr": engine.get_lr()[0],
+                                       "grad_norm": grad_norms[step],
                                        "tokens_per_s": tokens_per_step / step_times[-1],
                                        "skipped_microbatches": guard.total})
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
@@ -266,7 +289,7 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     summary = {"output_layer": cfg.model.output_layer, "head_parameters": head_params,
                "skipped_microbatches": guard.total,
                "steps_run": sorted(losses), "train_losses": [losses[s] for s in sorted(losses)],
-               "final_step": step}
+               "grad_norms": [grad_norms[s] for s in sorted(grad_norms)], "final_step": step}
     if step_times:
         steady = step_times[2:] or step_times
         summary["tokens_per_s"] = tokens_per_step * len(steady) / sum(steady)

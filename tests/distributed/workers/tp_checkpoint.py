@@ -1,7 +1,9 @@
 """Save a VQOutputLayer with megatron dist_checkpointing at one TP size, load it at another.
 
 Run: torchrun --nproc_per_node=N tp_checkpoint.py {save|load} DIR
-'save' trains nothing but moves every tensor off its init (codebook, bias, map), records the loss and
+The layer is a two-level head (refine_rank 3), so every kind of tensor is in the checkpoint: the replicated
+codebook and P, the vocab-sharded map, bias and U.
+'save' trains nothing but moves every tensor off its init (codebook, bias, map, U, P), records the loss and
 the map; 'load' builds a layer from a different seed and map strategy, loads, and must reproduce both.
 Padded vocab differs per TP size (rounded up to 8·T) to exercise the shape-mismatch path.
 """
@@ -27,7 +29,7 @@ PREFIX = "output_layer."
 def build(seed, map_init, device):
     T = ps.get_tensor_model_parallel_world_size()
     cfg = VQLogitsConfig(vocab_size=V, hidden_size=D, codebook_size=K, per_token_bias=True, seed=seed,
-                         map_init=map_init)
+                         map_init=map_init, refine_rank=3)
     return VQOutputLayer(cfg, padded_vocab_size=-(-V // (8 * T)) * 8 * T, device=device)
 
 
@@ -45,9 +47,12 @@ def main():
         layer = build(seed=5, map_init="random", device=device)
         gen = torch.Generator().manual_seed(4)
         full_bias = torch.randn(layer.padded_vocab_size, generator=gen)
+        full_refine = torch.randn(layer.padded_vocab_size, 3, generator=gen)
         with torch.no_grad():
             layer.codebook.copy_(torch.randn(K, D, generator=gen))
             layer.bias.copy_(full_bias[layer.vocab_start: layer.vocab_end])
+            layer.refine_weight.copy_(full_refine[layer.vocab_start: layer.vocab_end])
+            layer.refine_proj.copy_(torch.randn(3, D, generator=gen))
         layer.set_map(torch.randint(0, K, (V,), generator=gen))
         ckpt = out_dir / "ckpt"
         if dist.get_rank() == 0:

@@ -100,7 +100,7 @@ def run_case(V, K, bias, sp, eps, zl, empty, device, refine_rank=0):
         layer.bias.data.copy_(pad_rows(full_bias, layer))
     refine = None
     if refine_rank:
-        refine = (torch.randn(V, refine_rank, generator=gen), layer.refine_proj.detach().cpu() * 20)
+        refine = (torch.randn(V, refine_rank, generator=gen), layer.refine_proj.detach().cpu() * 4)
         layer.refine_weight.data.copy_(pad_rows(refine[0], layer))
         layer.refine_proj.data.copy_(refine[1])
     h_full = torch.randn(s, b, d, generator=gen)

@@ -7,7 +7,10 @@ Checks on every rank (any mismatch raises and fails the launch):
   (ii)  the filtered distribution from the TP-built index equals the single-process one;
   (iii) greedy ids equal argmax of the gathered materialised logits (also with sequence parallelism);
   (iv)  the cached index is reused while map and bias are unchanged and rebuilt on every rank when one
-        rank's bias shard changes.
+        rank's bias shard changes;
+  (v)   a two-level head (refine_rank > 0): draws identical on all ranks and equal to the single-process
+        two-level sampler on the full tensors (code-then-token path and filtered path), greedy == argmax of
+        the gathered logits.
 """
 
 import itertools
@@ -20,7 +23,7 @@ from megatron.core import parallel_state as ps
 from vq_megatron.config import VQLogitsConfig
 from vq_megatron.integration.distributed import init_parallel, local_device, shutdown_parallel
 from vq_megatron.layers import VQOutputLayer
-from vq_megatron.ops.sampling import CodeIndex, vq_filtered_probs, vq_sample
+from vq_megatron.ops.sampling import CodeIndex, refined_sample, vq_filtered_probs, vq_sample
 from vq_megatron.ops.scatter import code_logits
 
 V, D, K = 103, 16, 9
@@ -36,14 +39,39 @@ def assert_identical_across_tp(tensor, what):
                                  f"and TP rank {rank}")
 
 
-def make_layer(device, full_bias, sequence_parallel=False):
+def pad_rows(full, layer):
+    padded = full.new_zeros((layer.padded_vocab_size, *full.shape[1:]))
+    padded[: full.shape[0]] = full
+    return padded[layer.vocab_start: layer.vocab_end]
+
+
+def make_layer(device, full_bias, sequence_parallel=False, full_refine=None):
     cfg = VQLogitsConfig(vocab_size=V, hidden_size=D, codebook_size=K, per_token_bias=True, seed=5,
-                         codebook_init_std=0.5)
+                         codebook_init_std=0.5, refine_rank=0 if full_refine is None else full_refine.shape[1])
     layer = VQOutputLayer(cfg, sequence_parallel=sequence_parallel, device=device)
-    padded = torch.zeros(layer.padded_vocab_size)
-    padded[:V] = full_bias
-    layer.bias.data.copy_(padded[layer.vocab_start: layer.vocab_end])
+    layer.bias.data.copy_(pad_rows(full_bias, layer))
+    if full_refine is not None:
+        layer.refine_weight.data.copy_(pad_rows(full_refine, layer).to(device))
+        layer.refine_proj.data.mul_(4.0)
     return layer
+
+
+def check_two_level(device, full_bias, hidden, gen):
+    full_refine = torch.randn(V, 3, generator=gen)
+    layer = make_layer(device, full_bias, full_refine=full_refine)
+    full_map = layer.global_token_to_code
+    index = CodeIndex.build(full_map, K, full_bias.to(device))
+    z = code_logits(hidden, layer.codebook.detach())
+    g = hidden @ layer.refine_proj.detach().t()
+    for seed, (temp, k, p) in enumerate(((1.0, 0, 1.0), (0.7, 5, 0.9))):
+        tokens = layer.sample(hidden, temperature=temp, top_k=k, top_p=p, generator=generator(device, seed))
+        expected = refined_sample(z, g, full_map, full_bias.to(device), full_refine.to(device), index,
+                                  temperature=temp, top_k=k, top_p=p, generator=generator(device, seed))
+        assert_identical_across_tp(tokens, f"two-level ids T={temp} top_k={k} top_p={p}")
+        assert torch.equal(tokens, expected), (temp, k, p)
+    with torch.no_grad():
+        logits, _ = layer(hidden, runtime_gather_output=True)
+    assert torch.equal(layer.sample(hidden, greedy=True), logits[..., :V].argmax(-1)), "two-level greedy"
 
 
 def generator(device, seed):
@@ -112,8 +140,10 @@ def main():
         logits, _ = layer(hidden, runtime_gather_output=True)
     assert torch.equal(layer.sample(hidden, greedy=True), logits[..., :V].argmax(-1))
 
+    check_two_level(device, full_bias, hidden, gen)
+
     if dist.get_rank() == 0:
-        print(f"tp_sampling: ok at TP={T} ({len(grid) * 6} distributions, {draws} draws, greedy, SP, cache)")
+        print(f"tp_sampling: ok at TP={T} ({len(grid) * 6} distributions, {draws} draws, greedy, SP, cache, two-level head)")
     shutdown_parallel()
 
 
