@@ -141,6 +141,28 @@ def test_nan_loss_stops_or_is_skipped_as_configured(data, tmp_path):
     assert all(v == v for v in summary["train_losses"][3:]), summary["train_losses"]   # finite after the skip
 
 
+def test_a_skipped_micro_batch_contributes_exactly_zero_gradient(data, tmp_path):
+    """NaN and Inf skipped at step 3 micro-batch 0 leave the weights exactly where a run that masks that
+    micro-batch out leaves them: every later step's loss is bit-identical."""
+    masked = _losses(_run_and_dir(data, tmp_path / "masked", faults=["--fault-mask-at-step", "3"]))
+    for value in ("nan", "inf"):
+        skipped = _losses(_run_and_dir(data, tmp_path / value, "training.nan_policy=skip",
+                                       faults=["--fault-nan-at-step", "3", "--fault-value", value]))
+        assert [skipped[s] for s in range(4, 7)] == [masked[s] for s in range(4, 7)], (value, skipped, masked)
+        assert [skipped[s] for s in (1, 2)] == [masked[s] for s in (1, 2)]
+
+
+def test_too_many_skipped_micro_batches_stop_the_run(data, tmp_path):
+    out = _run(_cmd(data, tmp_path / "stuck", "training.steps=8", "training.nan_policy=skip",
+                    "training.max_skipped_microbatches=3", faults=["--fault-from-step", "3"]), expect_ok=False)
+    assert "4 non-finite micro-batches in a row" in out and "training.max_skipped_microbatches=3" in out
+
+
+def _run_and_dir(data, run_dir, *sets, faults=()):
+    _run(_cmd(data, run_dir, "training.steps=6", *sets, faults=faults))
+    return run_dir
+
+
 def test_vocabulary_mismatch_between_data_and_model_is_refused(data, tmp_path):
     out = _run(_cmd(data, tmp_path / "vocab", "training.steps=2", "model.vocab_size=400",
                     "model.vq.codebook_size=16", "data.tokenizer_model=''"), expect_ok=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vq_megatron.config import VQLogitsConfig
+from vq_megatron.models.layer_specs import LAYER_SPECS
 
 __all__ = ["ModelConfig", "OUTPUT_LAYERS"]
 
@@ -27,6 +28,9 @@ class ModelConfig:
         by training-data frequency first); empty = [V/8, V/2]. adaptive_div_value: its tail shrink factor.
     init_from: a dense run directory (or one of its step_* checkpoint directories) whose body weights (all
         but output_layer.*) initialise this model before training (two-stage dense -> VQ).
+    layer_spec: the body's modules: 'local' (megatron-core's own, any device; with sequence parallelism a
+        norm that supports it), 'transformer_engine' (Transformer Engine's fused modules; needs TE), or
+        'auto' (Transformer Engine on a GPU when it is importable, else local).
     """
 
     num_layers: int = 2
@@ -47,6 +51,7 @@ class ModelConfig:
     adaptive_cutoffs: list = field(default_factory=list)
     adaptive_div_value: float = 4.0
     init_from: str = ""
+    layer_spec: str = "auto"
 
     def __post_init__(self) -> None:
         if self.output_layer not in OUTPUT_LAYERS:
@@ -58,6 +63,8 @@ class ModelConfig:
                      "make_vocab_size_divisible_by"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.layer_spec not in LAYER_SPECS:
+            raise ValueError(f"model.layer_spec={self.layer_spec!r} is not one of {LAYER_SPECS}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")

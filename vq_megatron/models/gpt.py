@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from vq_megatron.config import VQLogitsConfig
 from vq_megatron.layers import AdaptiveSoftmaxHead, VQOutputLayer
 from vq_megatron.models.config import ModelConfig
+from vq_megatron.models.layer_specs import gpt_layer_spec
 from vq_megatron.parallel import padded_vocab_size
 
 __all__ = ["LossHeadGPTModel", "VQGPTModel", "AdaptiveGPTModel", "build_gpt_model", "head_parameter_count"]
@@ -111,7 +111,8 @@ def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipelin
                     sequence_parallel: bool = False, params_dtype=torch.float32, pre_process: bool = True,
                     post_process: bool = True, token_counts=None, embeddings=None,
                     weights_from_checkpoint: bool = False) -> GPTModel:
-    """Build the GPT body from megatron-core's local layer spec and the head named by output_layer.
+    """Build the GPT body (model.layer_spec: megatron-core's local modules, with a sequence-parallel norm
+    when SP is on, or Transformer Engine's) and the head named by output_layer.
 
     weights_from_checkpoint: every weight (the VQ map included) is about to be loaded, so the head skips
     its data-dependent initialisation (token counts, k-means of embedding files) and needs no data.
@@ -119,7 +120,7 @@ def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipelin
     config = model_cfg.transformer_config(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                           sequence_parallel=sequence_parallel, params_dtype=params_dtype)
     common = dict(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
+        config=config, transformer_layer_spec=gpt_layer_spec(config, model_cfg.layer_spec),
         vocab_size=padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by,
                                      tensor_parallel),
         max_sequence_length=model_cfg.seq_length, pre_process=pre_process, post_process=post_process,

@@ -21,7 +21,8 @@ __all__ = ["ParallelConfig", "DataConfig", "OptimConfig", "TrainingConfig", "Run
 @dataclass
 class ParallelConfig:
     """tensor_parallel: TP size (divides attention heads); pipeline_parallel: PP size (1 supported by the
-    driver); sequence_parallel: Megatron SP (needs Transformer Engine or Apex for the body's norms).
+    driver); sequence_parallel: Megatron SP, activations split along the sequence between the TP ranks
+    (needs tensor_parallel > 1; any device: the local spec then uses a norm that supports it).
     Data parallel size = world size / (TP · PP)."""
 
     tensor_parallel: int = 1
@@ -31,6 +32,9 @@ class ParallelConfig:
     def __post_init__(self):
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise ValueError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("parallel.sequence_parallel=true splits the sequence between tensor-parallel ranks: "
+                             "it needs parallel.tensor_parallel > 1")
         if self.pipeline_parallel != 1:
             raise ValueError("parallel.pipeline_parallel > 1 is not supported by this driver yet (the VQ "
                              "layer itself works as the last stage's output layer)")

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from vq_megatron.integration.deepspeed_mpu import MegatronMPU
 from vq_megatron.integration.distributed import init_parallel, local_device
+from vq_megatron.integration.sequence_parallel import reduce_sequence_parallel_grads
 from vq_megatron.models import build_gpt_model, head_parameter_count
 from vq_megatron.integration.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
 from vq_megatron.training.config import RunConfig
@@ -230,6 +231,8 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
                             sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
                             **_vq_init_data(cfg)).to(device)
     head_params = head_parameter_count(model)
+    if cfg.parallel.sequence_parallel:   # DeepSpeed does not reduce these over TP; megatron's DDP would
+        reduce_sequence_parallel_grads(model, ps.get_tensor_model_parallel_group())
     if cfg.model.init_from:   # two-stage: body weights of a dense run (a resumed checkpoint overrides them)
         from vq_megatron.strategies.two_stage import load_body_weights
 
