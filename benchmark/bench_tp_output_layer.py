@@ -4,8 +4,13 @@ A torchrun worker; every rank of one TP group runs the same step:
   dense                 megatron ColumnParallelLinear(d -> V, gather_output=False, bias=False)
                         + megatron vocab_parallel_cross_entropy (logit shard [s, b, V/T] per rank)
   vq_materialised       VQOutputLayer.materialised_loss: scatter to vocab-parallel logits + vocab-parallel CE
-  vq_collapsed          VQOutputLayer.loss: exact O(N·K) collapse, no N x V tensor
-  vq_collapsed_bias     the same with per_token_bias=True (one packed all-gather per step)
+  vq_collapsed          VQOutputLayer.loss: exact O(N·K) collapse, no N x V tensor, split by tokens over TP
+                        (vq.tensor_parallel_loss=split: each rank 1/T of the tokens, codebook gradient
+                        all-reduced, per-token losses all-gathered)
+  vq_collapsed_replicated   the same loss computed whole on every rank (tensor_parallel_loss=replicated)
+  vq_collapsed_bias     split, with per_token_bias=True (one packed all-gather of the bias terms per step)
+  vq_collapsed_bias_replicated   replicated, with the bias
+  vq_refined_r8         the two-level head (refine_rank 8, vocab-sharded U), split
 Input hidden [s, b, d] (s·b = N, identical on every rank), labels [s, b]; the step is forward + backward
 of the mean per-token loss. A V that is not a multiple of T is padded as Megatron pads it (dense: extra
 weight rows; VQ: padded map slots, -inf logits).
@@ -22,9 +27,12 @@ Method
     RSS high-water mark reset right before the step; the max over ranks is reported.
   * Head params: per rank (the tensors this rank holds) and in total (TP-sharded ones times T).
 
+Targets (split vs replicated, --tokens 4096 --hidden-size 1024): >= 1.6x faster at TP=2, >= 2.5x at TP=4,
+printed as PASS/MISS from the measured ratio.
+
 Run (from the repo root; 2 ranks on a 2-core CPU -> 1 thread each):
   OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node=2 benchmark/bench_tp_output_layer.py
-Writes benchmark/results/tp_output_layer.csv and .json (or under --out-dir).
+Writes benchmark/results/tp<T>_output_layer.csv and .json (or under --out-dir).
 """
 
 from __future__ import annotations
@@ -44,7 +52,9 @@ from bench_utils import (MB, RESULTS_DIR, busy_machine_warning, fmt, format_tabl
                          measure_step_peak_bytes, median, ratio, run_metadata, time_steps, write_results)
 from comm_counter import CollectiveCounter
 
-VARIANTS = ("dense", "vq_materialised", "vq_collapsed", "vq_collapsed_bias")
+VARIANTS = ("dense", "vq_materialised", "vq_collapsed", "vq_collapsed_replicated", "vq_collapsed_bias",
+            "vq_collapsed_bias_replicated", "vq_refined_r8")
+SPLIT_TARGETS = {2: 1.6, 4: 2.5}   # split vs replicated speed-up at these TP sizes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INIT_STD = 0.02
 
@@ -102,25 +112,24 @@ def build_dense(args, tp: int, device: torch.device) -> Case:
     return Case("dense", layer, loss)
 
 
-def build_vq(args, device: torch.device, *, collapsed: bool, bias: bool) -> Case:
+def build_vq(name: str, args, device: torch.device) -> Case:
     from vq_megatron.config import VQLogitsConfig
     from vq_megatron.layers import VQOutputLayer
 
     config = VQLogitsConfig(vocab_size=args.vocab, hidden_size=args.d, codebook_size=args.codes,
-                            per_token_bias=bias, seed=args.seed, codebook_init_std=INIT_STD)
+                            per_token_bias="_bias" in name, seed=args.seed, codebook_init_std=INIT_STD,
+                            refine_rank=8 if name.startswith("vq_refined") else 0,
+                            tensor_parallel_loss="replicated" if name.endswith("_replicated") else "split")
     layer = VQOutputLayer(config, params_dtype=DTYPES[args.dtype], device=device)
-    if collapsed:
-        loss = lambda hidden, labels: layer.loss(hidden, labels, validate=False).mean()  # noqa: E731
-    else:
+    if name == "vq_materialised":
         loss = lambda hidden, labels: layer.materialised_loss(hidden, labels).mean()  # noqa: E731
-    name = ("vq_collapsed" if collapsed else "vq_materialised") + ("_bias" if bias else "")
+    else:
+        loss = lambda hidden, labels: layer.loss(hidden, labels, validate=False).mean()  # noqa: E731
     return Case(name, layer, loss)
 
 
 def build_case(name: str, args, tp: int, device: torch.device) -> Case:
-    if name == "dense":
-        return build_dense(args, tp, device)
-    return build_vq(args, device, collapsed=name.startswith("vq_collapsed"), bias=name.endswith("_bias"))
+    return build_dense(args, tp, device) if name == "dense" else build_vq(name, args, device)
 
 
 def head_params(module: torch.nn.Module, tp: int) -> tuple[int, int]:
@@ -220,10 +229,22 @@ def to_row(record: dict, args, tp: int) -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
     dense = next((r for r in rows if r["variant"] == "dense"), None)
+    by_name = {r["variant"]: r for r in rows}
     for r in rows:
         r["speedup_vs_dense"] = ratio(dense["ms_per_step"], r["ms_per_step"]) if dense else float("nan")
         r["memory_ratio_vs_dense"] = ratio(dense["peak_mb"], r["peak_mb"]) if dense else float("nan")
         r["comm_ratio_vs_dense"] = ratio(dense["comm_payload_mb"], r["comm_payload_mb"]) if dense else float("nan")
+        replicated = by_name.get(r["variant"] + "_replicated")
+        r["speedup_vs_replicated"] = ratio(replicated["ms_per_step"], r["ms_per_step"]) if replicated else float("nan")
+
+
+def check_targets(rows: list[dict], tp: int) -> list[dict]:
+    """The split loss against its replicated twin, where a target exists for this TP size."""
+    if tp not in SPLIT_TARGETS:
+        return []
+    return [{"variant": r["variant"], "target": f"split vs replicated at TP={tp}", "measured": r["speedup_vs_replicated"],
+             "required": SPLIT_TARGETS[tp], "passed": bool(r["speedup_vs_replicated"] >= SPLIT_TARGETS[tp])}
+            for r in rows if r["speedup_vs_replicated"] == r["speedup_vs_replicated"]]
 
 
 def print_report(rows: list[dict], meta: dict) -> None:
@@ -232,10 +253,11 @@ def print_report(rows: list[dict], meta: dict) -> None:
           f"(N={r0['n']}), V={r0['vocab']} K={r0['codes']} {r0['dtype']}, device={meta['device']} "
           f"({meta['device_name']}), threads/rank={meta['torch_threads']}, "
           f"median of {r0['repeats']} after {r0['warmup']} warmup")
-    headers = ["variant", "ms/step", "speedup vs dense", "comm MB/step", "est. sent MB/rank", "collectives/step",
-               "peak MB", "mem ratio vs dense", "head params/rank", "head params total", "loss"]
+    headers = ["variant", "ms/step", "speedup vs dense", "vs replicated", "comm MB/step", "est. sent MB/rank",
+               "collectives/step", "peak MB", "mem ratio vs dense", "head params/rank", "head params total", "loss"]
     print(format_table(headers, [[
         r["variant"], fmt(r["ms_per_step"], ".1f"), fmt(r["speedup_vs_dense"], ".1f", "x"),
+        fmt(r["speedup_vs_replicated"], ".2f", "x"),
         fmt(r["comm_payload_mb"], ".3f"), fmt(r["comm_ring_send_mb"], ".3f"), r["collectives"],
         fmt(r["peak_mb"], ".1f"), fmt(r["memory_ratio_vs_dense"], ".1f", "x"),
         f"{r['head_params_per_rank']:,}", f"{r['head_params_total']:,}", fmt(r["loss"], ".5f")] for r in rows]))
@@ -244,6 +266,9 @@ def print_report(rows: list[dict], meta: dict) -> None:
           f"method: {r0['memory_method']}; mem ratio = dense peak / variant peak)")
     for warning in meta["warnings"]:
         print(warning)
+    for t in meta["targets"]:
+        print(f"{'PASS' if t['passed'] else 'MISS'}  {t['variant']}: {t['measured']:.2f}x faster than replicated "
+              f"({t['target']}, target >= {t['required']:g}x)")
 
 
 def main() -> None:
@@ -263,10 +288,12 @@ def main() -> None:
         meta = {**run_metadata(device, command), "world_size": world, "backend": dist.get_backend()}
         warning = busy_machine_warning(loads, meta["torch_threads"] * world) if device.type == "cpu" else None
         meta["load_average_start_end"], meta["warnings"] = loads, [warning] if warning else []
+        meta["targets"] = check_targets(rows, tp)
         print_report(rows, meta)
         csv_rows = [{k: v for k, v in r.items() if k not in ("comm_by_rank",)} for r in rows]
-        csv_path, json_path = write_results(args.out_dir, "tp_output_layer", meta, csv_rows,
-                                            {"comm_by_rank": {r["variant"]: r["comm_by_rank"] for r in rows}})
+        csv_path, json_path = write_results(args.out_dir, f"tp{tp}_output_layer", meta, csv_rows,
+                                            {"comm_by_rank": {r["variant"]: r["comm_by_rank"] for r in rows},
+                                             "targets": meta["targets"]})
         print(f"wrote {csv_path} and {json_path}")
     shutdown_parallel()
 

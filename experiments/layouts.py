@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                                                                                          ("tp2_dp2", 2, True)]
             for layout, zero, sp in cases:
                 name = f"{head}_{layout}_z{zero}{'_sp' if sp else ''}"
-                run = reference if (layout, zero, sp) == ("tp1_dp1_ga2", 1, False) else \\
+                run = reference if (layout, zero, sp) == ("tp1_dp1_ga2", 1, False) else \
                     train(data, Path(tmp) / name, layout, head, zero, sp)
                 rows.append({"head": head, "layout": layout, "zero": zero, "sequence_parallel": sp,
                              "max_step_loss_diff": max_step_diff(reference, run),

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 from vq_megatron.checks import check_loss_options
 
-__all__ = ["VQLogitsConfig", "MAP_INITS", "CODEBOOK_INITS", "BIAS_INITS", "REFINE_INITS"]
+__all__ = ["VQLogitsConfig", "MAP_INITS", "CODEBOOK_INITS", "BIAS_INITS", "REFINE_INITS", "TENSOR_PARALLEL_LOSSES"]
 
 MAP_INITS = ("random", "contiguous", "frequency", "kmeans")
 CODEBOOK_INITS = ("normal", "kmeans")
 BIAS_INITS = ("zeros", "unigram")
 REFINE_INITS = ("zeros", "svd")
+TENSOR_PARALLEL_LOSSES = ("split", "replicated")
 
 
 @dataclass
@@ -51,6 +52,10 @@ class VQLogitsConfig:
         scale of g = P·h that U's first gradients see). The default 0.1 puts the entries of g at about
         unit scale for layer-normed h with d ~ 100 (0.1·√d); 0.02 (the codebook's std) learns the
         refinement more slowly (docs/RESULTS.md, refine_sp8000: C4 ppl 315.5 vs 311.0 at 1,200 steps).
+    tensor_parallel_loss: how the training loss uses tensor parallelism: 'split' (each TP rank computes the
+        collapse for 1/TP of the tokens, the codebook gradient is summed over TP and the per-token losses
+        all-gathered: the O(N·K·d) work shrinks with TP) or 'replicated' (every rank computes every token).
+        The same loss and gradients either way (layers/vq_loss.py; benchmark/bench_tp_output_layer.py).
     """
 
     vocab_size: int
@@ -72,6 +77,7 @@ class VQLogitsConfig:
     refine_rank: int = 0
     refine_init: str = "zeros"
     refine_init_std: float = 0.1
+    tensor_parallel_loss: str = "split"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "codebook_size", "kmeans_iters"):
@@ -106,6 +112,9 @@ class VQLogitsConfig:
         if self.refine_init == "svd" and not (self.map_init == "kmeans" and self.codebook_init == "kmeans"):
             raise ValueError("VQLogitsConfig.refine_init='svd' fits the residuals of the k-means rows, so it "
                              "needs map_init='kmeans' and codebook_init='kmeans'")
+        if self.tensor_parallel_loss not in TENSOR_PARALLEL_LOSSES:
+            raise ValueError(f"VQLogitsConfig.tensor_parallel_loss={self.tensor_parallel_loss!r} is not one of "
+                             f"{TENSOR_PARALLEL_LOSSES}")
         if not self.refine_init_std > 0:
             raise ValueError(f"VQLogitsConfig.refine_init_std must be > 0, got {self.refine_init_std}")
         check_loss_options(self.label_smoothing, self.z_loss, self.refine_rank, prefix="VQLogitsConfig.")

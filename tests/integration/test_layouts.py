@@ -48,7 +48,8 @@ def assert_same_run(reference: dict, other: dict, what: str, tolerance: float = 
 def test_layouts_agree_under_zero1(runs, head):
     reference = runs("tp1_dp1_ga2", head)
     assert all(norm > CLIP for norm in reference["grad_norms"]), reference["grad_norms"]  # clipping acts
-    assert reference["train_losses"][-1] < reference["train_losses"][0]
+    moved = abs(reference["train_losses"][-1] - reference["train_losses"][0])
+    assert moved > 1e-3, f"the run barely trains ({moved:.1e}): the comparison would be vacuous"
     for layout in LAYOUTS:
         assert_same_run(reference, runs(layout, head), f"{head} {layout} vs tp1_dp1_ga2")
 

@@ -14,7 +14,9 @@ ignored (and pruned by the next save). On load the manifest is checked, so a tru
 
 from __future__ import annotations
 
+import importlib
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -25,8 +27,8 @@ import torch.distributed as dist
 from vq_megatron.files import atomic_write_json, atomic_write_text, sha256_file
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_complete_tag", "complete_tags", "verify_checkpoint",
-           "CheckpointError", "rng_state", "set_rng_state", "resolve_checkpoint", "load_model_shards", "MANIFEST",
-           "LATEST"]
+           "CheckpointError", "rng_state", "set_rng_state", "resolve_checkpoint", "load_model_shards", "safe_load",
+           "TRUSTED_GLOBALS", "MANIFEST", "LATEST"]
 
 LATEST = "latest_complete"
 MANIFEST = "MANIFEST.json"
@@ -155,10 +157,45 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, *, client_state: di
     return tag
 
 
+# Besides tensors and plain containers, the files of a ZeRO-1/2 checkpoint the driver writes hold exactly these
+# classes (torch.serialization.get_unsafe_globals_in_checkpoint on them). Anything else in a pickle is refused.
+TRUSTED_GLOBALS = ("deepspeed.utils.tensor_fragment.fragment_address",
+                   "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                   "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def _trusted_globals() -> list:
+    found = []
+    for name in TRUSTED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):   # another DeepSpeed version: what it lacks cannot be in a file
+            continue
+    return found
+
+
+def safe_load(path: str | Path, map_location="cpu"):
+    """torch.load with weights_only=True, allowing the few classes our own checkpoints contain: a
+    checkpoint someone else made cannot run code while it is read. Raises CheckpointError naming the file."""
+    try:
+        with torch.serialization.safe_globals(_trusted_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"refusing to load {path}: its pickle asks for objects a vq_megatron checkpoint never "
+                              f"contains, and unpickling them could run code ({reason}). Load only checkpoints "
+                              "written by this project's driver, or convert the file yourself if you trust "
+                              "it") from None
+
+
 def load_checkpoint(engine, save_dir: str | Path, tag: str, *, verify: bool = True) -> dict:
-    """Restore engine (model, optimizer, LR schedule) and this rank's RNG; returns the client state."""
+    """Restore engine (model, optimizer, LR schedule) and this rank's RNG; returns the client state.
+
+    Every file is read through safe_load (DeepSpeed's own engine would unpickle anything)."""
     if verify:
         verify_checkpoint(save_dir, tag)
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
     path, client_state = engine.load_checkpoint(str(save_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {Path(save_dir) / tag}")
@@ -166,7 +203,7 @@ def load_checkpoint(engine, save_dir: str | Path, tag: str, *, verify: bool = Tr
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file} is missing: checkpoint {tag} was written by a run with a "
                               f"different number of ranks")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(safe_load(rng_file))
     return client_state
 
 
@@ -205,7 +242,7 @@ def load_model_shards(path: str | Path, tag: str | None = None) -> list[dict]:
                        f"{ckpt}: TP shards {[r for r, _ in shards]} are not 0..{len(shards) - 1}")
     states = []
     for _, file in shards:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = safe_load(file)
         if "module" not in state:
             raise _refusal(ckpt.parent, ckpt.name,
                            f"{file}: no 'module' state dict (not a DeepSpeed model-states file)")

@@ -31,10 +31,10 @@ from torch import nn
 
 from vq_megatron.checks import check_loss_options, check_map, check_token_ids
 from vq_megatron.config import VQLogitsConfig
-from vq_megatron.ops import (CodeMembers, CollapseOptions, CollapseStatistics, code_counts, code_logits,
-                             collapsed_cross_entropy, reduce_loss, refine_scores, refined_logits,
-                             scatter_code_logits, segment_logsumexp, target_refine_score, within_code_logsumexp)
+from vq_megatron.ops import (CodeMembers, CollapseOptions, code_counts, code_logits, reduce_loss, refine_scores,
+                             refined_logits, scatter_code_logits, segment_logsumexp)
 from vq_megatron.ops.map_init import build_map, low_rank_residual, nearest_code_map, normal_codebook
+from vq_megatron.layers.vq_loss import replicated_loss, split_loss
 from vq_megatron.parallel import (
     all_gather_rows, broadcast_from_first_rank, combine_over_tensor_parallel_region,
     copy_to_tensor_parallel_region, gather_from_sequence_parallel_region, gather_from_tensor_parallel_region,
@@ -284,21 +284,20 @@ class VQOutputLayer(nn.Module):
         eps = self.config.label_smoothing if label_smoothing is None else label_smoothing
         zeta = self.config.z_loss if z_loss is None else z_loss
         check_loss_options(eps, zeta, self.config.refine_rank)
-        if self.sequence_parallel:  # the loss is computed whole on every rank: backward just splits
-            hidden = gather_from_sequence_parallel_region(hidden, self.tp.group, sharded_consumer=False)
-        if labels.shape != hidden.shape[:-1]:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != hidden leading shape "
-                             f"{tuple(hidden.shape[:-1])}")
+        if labels.shape[1:] != hidden.shape[1:-1] or labels.shape[0] != hidden.shape[0] * (
+                self.tp.size if self.sequence_parallel else 1):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden shape {tuple(hidden.shape)}"
+                             + (" (sequence parallel: hidden holds s/TP of the sequence)" if self.sequence_parallel
+                                else ""))
         flat = labels.reshape(-1)
         valid = flat != ignore_index
         if validate:
             check_token_ids(flat, self.vocab_size, ignore_index=ignore_index)
-        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-        stats, within = self._loss_statistics(hidden_2d, flat, valid)
-        per_token = collapsed_cross_entropy(hidden_2d, self.codebook, stats,
-                                            CollapseOptions(self.vocab_size, eps, zeta))
-        if within is not None:
-            per_token = per_token + within.to(per_token.dtype)
+        options = CollapseOptions(self.vocab_size, eps, zeta)
+        if self.tp.size > 1 and self.config.tensor_parallel_loss == "split":
+            per_token = split_loss(self, hidden, flat, valid, options, ignore_index)
+        else:
+            per_token = replicated_loss(self, hidden, flat, valid, options)
         out = reduce_loss(per_token, valid, reduction)
         return out.view(labels.shape) if reduction == "none" else out
 
@@ -326,48 +325,6 @@ class VQOutputLayer(nn.Module):
         logits, _ = self.forward(hidden, runtime_gather_output=False)
         return vocab_parallel_cross_entropy(logits, labels, vocab_size=self.vocab_size, group=self.tp.group,
                                             label_smoothing=eps, z_loss=zeta, ignore_index=ignore_index)
-
-    def _loss_statistics(self, hidden: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
-                         ) -> tuple[CollapseStatistics, torch.Tensor | None]:
-        """The collapse's statistics (and the within-code loss term) from this rank's vocabulary shard.
-
-        Everything that depends on the vocab-sharded bias / refinement is a per-rank partial, combined over
-        TP in ONE all-gather: B_k and the within-code log-sum-exp by logsumexp, the target's bias and
-        score and Σ_v b_v by sum. Without a bias or refinement nothing is communicated (counts are static).
-        """
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        target_code = self.global_token_to_code[safe]
-        in_range = valid & (safe >= self.vocab_start) & (safe < self.vocab_end)
-        local_index = torch.where(in_range, safe - self.vocab_start, torch.zeros_like(safe))
-        bias, parts = self.bias, []
-        if bias is not None:
-            acc = torch.promote_types(bias.dtype, torch.float32)
-            zero = torch.zeros((), dtype=acc, device=bias.device)
-            parts += [(segment_logsumexp(bias, self.token_to_code, self.num_codes), "logsumexp"),
-                      (torch.where(in_range, bias[local_index].to(acc), zero), "sum"),
-                      (torch.where(self.token_to_code >= 0, bias, torch.zeros_like(bias)).sum(dtype=acc), "sum")]
-        if self.refine_weight is not None:
-            # This rank scores only its own vocabulary: sum the partial gradients of g over TP.
-            g = copy_to_tensor_parallel_region(torch.matmul(hidden, self.refine_proj.t()), self.tp.group)
-            lse_local = within_code_logsumexp(g, self.refine_weight, bias, self._members(), target_code, valid)
-            score_local = target_refine_score(g, self.refine_weight, local_index)
-            parts += [(lse_local, "logsumexp"), (torch.where(in_range, score_local, torch.zeros_like(score_local)),
-                                                 "sum")]
-        combined = combine_over_tensor_parallel_region(parts, self.tp.group)
-        if bias is not None:
-            log_mass, target_bias, bias_sum = combined[:3]
-        else:
-            log_mass, target_bias, bias_sum = torch.log(self.code_counts.double()), None, None
-        stats = CollapseStatistics(log_mass=log_mass, counts=self.code_counts, target_code=target_code,
-                                   valid=valid, target_bias=target_bias, bias_sum=bias_sum)
-        if self.refine_weight is None:
-            return stats, None
-        within_lse, target_score = combined[-2:]
-        if target_bias is not None:
-            target_score = target_score + target_bias
-        within = torch.where(valid, within_lse - target_score, torch.zeros_like(target_score))
-        # Two-level: the code term's target is z_t + B_t; the target's own score sits in the within term.
-        return stats.replace(target_bias=log_mass[target_code]), within
 
     # ---------------------------------------------------------------- checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

@@ -11,11 +11,12 @@ from vq_megatron.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
+    scatter_to_sequence_parallel_region,
 )
 
 __all__ = [
     "is_vocab_sharded", "mark_vocab_sharded", "padded_vocab_size", "vocab_pad_value",
     "TensorParallelInfo", "tensor_parallel_info", "vocab_parallel_cross_entropy", "all_gather_rows",
     "broadcast_from_first_rank", "combine_over_tensor_parallel_region", "copy_to_tensor_parallel_region",
-    "gather_from_sequence_parallel_region", "gather_from_tensor_parallel_region",
+    "gather_from_sequence_parallel_region", "gather_from_tensor_parallel_region", "scatter_to_sequence_parallel_region",
 ]

@@ -13,7 +13,8 @@ from megatron.core.tensor_parallel import mappings as mcore
 
 __all__ = [
     "copy_to_tensor_parallel_region", "gather_from_tensor_parallel_region",
-    "gather_from_sequence_parallel_region", "combine_over_tensor_parallel_region", "all_gather_rows",
+    "gather_from_sequence_parallel_region", "scatter_to_sequence_parallel_region",
+    "combine_over_tensor_parallel_region", "all_gather_rows",
     "broadcast_from_first_rank",
 ]
 
@@ -22,9 +23,30 @@ def _single(group) -> bool:
     return group is None or dist.get_world_size(group) == 1
 
 
+class _CopyToTensorParallelRegion(torch.autograd.Function):
+    """forward: identity; backward: all-reduce (sum) of the gradient over TP, into a fresh tensor.
+
+    megatron's _CopyToModelParallelRegion all-reduces the incoming gradient in place. Autograd may hand
+    the very same gradient tensor to several inputs (an addition passes its gradient to both operands):
+    when two of them enter through a copy, the second would sum an already summed gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, input_, group):
+        ctx.group = group
+        return input_.view_as(input_)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def copy_to_tensor_parallel_region(input_: torch.Tensor, group) -> torch.Tensor:
-    """forward: identity; backward: all-reduce (sum) over TP — for inputs of vocab-sharded compute."""
-    return input_ if _single(group) else mcore.copy_to_tensor_model_parallel_region(input_, group)
+    """forward: identity; backward: all-reduce (sum) over TP — for inputs of computations each rank does
+    only part of (its vocabulary, its tokens), whose partial gradients must be summed."""
+    return input_ if _single(group) else _CopyToTensorParallelRegion.apply(input_, group)
 
 
 def gather_from_tensor_parallel_region(input_: torch.Tensor, group) -> torch.Tensor:
@@ -42,6 +64,12 @@ def gather_from_sequence_parallel_region(input_: torch.Tensor, group, *, sharded
         return input_
     return mcore.gather_from_sequence_parallel_region(
         input_, tensor_parallel_output_grad=sharded_consumer, group=group)
+
+
+def scatter_to_sequence_parallel_region(input_: torch.Tensor, group) -> torch.Tensor:
+    """forward: keep this rank's chunk along the first dim; backward: all-gather the chunks' gradients (each
+    rank then holds the full input gradient, as a replicated input needs)."""
+    return input_ if _single(group) else mcore.scatter_to_sequence_parallel_region(input_, group=group)
 
 
 def combine_over_tensor_parallel_region(parts: list[tuple[torch.Tensor, str]], group) -> list[torch.Tensor]:

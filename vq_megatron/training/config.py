@@ -84,8 +84,8 @@ class OptimConfig:
 
 @dataclass
 class TrainingConfig:
-    """steps: optimizer steps (0: only evaluate the initial model, e.g. a head converted post hoc from a dense
-    run with model.init_from); micro_batch_size per data-parallel rank; global_batch_size =
+    """steps: optimizer steps (0: evaluate and checkpoint the initial model only, e.g. a head converted post hoc
+    from a dense run with model.init_from); micro_batch_size per data-parallel rank; global_batch_size =
     micro · DP · gradient-accumulation; seed: model init, data order, dropout.
     log_interval / eval_interval / save_interval: in steps (0 disables eval/save during training).
     save_dir: checkpoints + logs (metrics.csv, tensorboard/) of this run; keep_last: checkpoints kept.

@@ -287,6 +287,8 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
             logger.log(step, "eval", evaluate(engine, cfg, device, cfg.data.interval_eval_tokens))
         if (t.save_interval and step % t.save_interval == 0) or step == stop_at:
             save_checkpoint(engine, save_dir, step, client_state={}, keep_last=t.keep_last)
+    if t.steps == 0 and tag is None:   # the initial model itself is the result (e.g. a converted head)
+        save_checkpoint(engine, save_dir, 0, client_state={}, keep_last=t.keep_last)
     progress.close()
 
     summary = {"output_layer": cfg.model.output_layer, "head_parameters": head_params,

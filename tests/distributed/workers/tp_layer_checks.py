@@ -4,6 +4,7 @@ Run: torchrun --nproc_per_node=N tests/distributed/workers/tp_layer_checks.py
 Every rank checks its own shard / replica; any mismatch raises and fails the launch.
 """
 
+import dataclasses
 import itertools
 
 import torch
@@ -114,10 +115,13 @@ def run_case(V, K, bias, sp, eps, zl, empty, device, refine_rank=0):
     def local_hidden():
         return h_full[rows].clone().to(device).requires_grad_()
 
-    for path in ("collapsed", "materialised"):
+    # The collapsed loss both ways: split by tokens over TP (the default) and replicated on every rank.
+    for path in ("collapsed-split", "collapsed-replicated", "materialised"):
         layer.zero_grad(set_to_none=True)
         h = local_hidden()
-        fn = layer.loss if path == "collapsed" else layer.materialised_loss
+        if path.startswith("collapsed"):
+            layer.config = dataclasses.replace(layer.config, tensor_parallel_loss=path.split("-")[1])
+        fn = layer.loss if path.startswith("collapsed") else layer.materialised_loss
         loss = fn(h, labels.to(device))
         (loss * weights.to(device)).sum().backward()
         where = f"{case} path={path}"

@@ -144,3 +144,50 @@ def test_manifest_lists_size_and_checksum_of_every_file(run):
     assert sorted(entries) == ["mp_rank_00_model_states.pt", "rng_rank00000.pt"]
     assert entries["rng_rank00000.pt"]["bytes"] == len(b"rng state of rank 0")
     verify_checkpoint(run, _tag(8))
+
+
+# ------------------------------------------------------------------ loading runs no code from a checkpoint
+class _RunsCode:
+    """What a malicious checkpoint pickles: unpickling it calls a function of the attacker's choice."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_naming_the_file(tmp_path):
+    from vq_megatron.integration.checkpoint import load_model_shards, safe_load
+
+    run = tmp_path / "run"
+    tag = run / "step_00000001"
+    tag.mkdir(parents=True)
+    evil = tag / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(2)}, "payload": _RunsCode()}, evil)
+    _write_manifest(tag)
+    (run / "latest_complete").write_text("step_00000001")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*mp_rank_00_model_states\.pt.*could run code"):
+        load_model_shards(run)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        safe_load(evil)
+
+
+def test_what_our_checkpoints_contain_still_loads(tmp_path):
+    """Tensors, plain containers, torch.Size, RNG states and the DeepSpeed classes of TRUSTED_GLOBALS."""
+    from collections import OrderedDict
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from vq_megatron.integration.checkpoint import safe_load
+
+    state = {"module": OrderedDict(w=torch.ones(3)), "param_shapes": [OrderedDict(w=torch.Size([3]))],
+             "rng": torch.get_rng_state(), "ds_version": "0.19.8", "sparse_tensor_module_names": set(),
+             "zero_stage": ZeroStageEnum.optimizer_states, "loss_scaler": LossScaler(1.0),
+             "param_slice_mappings": [OrderedDict(w=fragment_address(numel=3, start=0))]}
+    path = tmp_path / "ok.pt"
+    torch.save(state, path)
+    loaded = safe_load(path)
+    assert torch.equal(loaded["module"]["w"], torch.ones(3)) and loaded["zero_stage"] == ZeroStageEnum.optimizer_states
+    assert loaded["param_slice_mappings"][0]["w"].numel == 3

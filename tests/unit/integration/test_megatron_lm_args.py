@@ -28,7 +28,7 @@ FULL_VQ_CLI = [
 VQ_FLAGS = ["--output-layer-type", "--vq-codebook-size", "--vq-vocab-size", "--vq-map-init",
             "--vq-codebook-init", "--vq-codebook-init-std", "--vq-per-token-bias", "--vq-bias-init", "--vq-seed",
             "--vq-kmeans-iters", "--vq-spherical-kmeans", "--vq-label-smoothing", "--vq-z-loss",
-            "--vq-refine-rank", "--vq-refine-init", "--vq-refine-init-std",
+            "--vq-refine-rank", "--vq-refine-init", "--vq-refine-init-std", "--vq-tensor-parallel-loss",
             "--vq-token-counts", "--vq-init-embeddings"]
 # A field name as a word: what an error shown to a command-line user must not contain.
 FIELD_WORD = re.compile(r"\b(%s)\b" % "|".join(f.name for f in dataclasses.fields(VQLogitsConfig)))
@@ -193,8 +193,9 @@ CONFIG_ERROR_CASES = [
      ["--vq-refine-init svd", "--vq-map-init kmeans", "--vq-codebook-init kmeans"]),
     (["--vq-refine-init-std", "0"], 5000, ["--vq-refine-init-std"]),
 ]
-# Table fields that no value of their flag makes invalid: they have no error to provoke.
-ANY_VALUE_IS_VALID = {"seed", "spherical_kmeans"}
+# Table fields for which every value argparse accepts is valid: they have no config error to provoke (a bad
+# choice is covered by test_bad_choice_in_a_hand_made_namespace_names_the_flag).
+ANY_VALUE_IS_VALID = {"seed", "spherical_kmeans", "tensor_parallel_loss"}
 
 
 @pytest.mark.parametrize("argv, vocab, flags", CONFIG_ERROR_CASES)

@@ -44,3 +44,32 @@ def test_adaptive_refuses_tensor_parallel_and_tying():
         _model_cfg(output_layer="adaptive", tie_embeddings=True)
     with pytest.raises(ValueError, match="tensor_parallel=1 only"):
         build_gpt_model(_model_cfg(output_layer="adaptive"), tensor_parallel=2)
+
+
+@pytest.mark.parametrize("refine_rank", [0, 3])
+def test_vq_gpt_model_training_loss_is_the_cross_entropy_of_its_own_logits(parallel, refine_rank):
+    """The output_processor hook hands the layer [s, b, h] and returns [b, s]: with b != s a swapped axis
+    would show. The loss must equal cross-entropy over the model's own gathered logits, per token."""
+    from vq_megatron.models import VQGPTModel, build_gpt_model
+
+    torch.manual_seed(0)
+    model = build_gpt_model(_model_cfg(output_layer="vq", vq={"codebook_size": 12, "per_token_bias": True,
+                                                               "refine_rank": refine_rank}))
+    assert isinstance(model, VQGPTModel)
+    with torch.no_grad():
+        model.output_layer.bias.normal_()
+        if refine_rank:
+            model.output_layer.refine_weight.normal_()
+    b, s = 3, 8
+    tokens, labels = torch.randint(0, 100, (b, s)), torch.randint(0, 100, (b, s))
+    pos = torch.arange(s).expand(b, s)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), 1)
+    loss = model(tokens, pos, mask, labels=labels)
+    assert loss.shape == (b, s)
+    logits = model(tokens, pos, mask)                                   # [b, s, V_pad]
+    assert logits.shape[:2] == (b, s) and bool(torch.isneginf(logits[..., 100:]).all())
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                          reduction="none").view(b, s)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    loss.sum().backward()
+    assert model.output_layer.codebook.grad is not None and model.embedding.word_embeddings.weight.grad is not None

@@ -14,7 +14,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from vq_megatron.config import BIAS_INITS, CODEBOOK_INITS, MAP_INITS, REFINE_INITS, VQLogitsConfig
+from vq_megatron.config import (BIAS_INITS, CODEBOOK_INITS, MAP_INITS, REFINE_INITS, TENSOR_PARALLEL_LOSSES,
+                                VQLogitsConfig)
 
 __all__ = ["VQFlag", "VQ_CONFIG_FLAGS", "UNEXPOSED_FIELDS", "OUTPUT_LAYER_TYPES", "add_vq_args",
            "vq_config_from_args", "flagged_error"]
@@ -95,6 +96,11 @@ VQ_CONFIG_FLAGS: dict[str, VQFlag] = {
         "--vq-refine-init-std",
         "Standard deviation of the normal initialisation of P with --vq-refine-init zeros (U starts at "
         "0, so P sets the scale of the features P h that U's first updates see)."),
+    "tensor_parallel_loss": VQFlag(
+        "--vq-tensor-parallel-loss",
+        "How the VQ training loss uses tensor parallelism: 'split' (each TP rank computes the loss of 1/TP "
+        "of the tokens; the work shrinks with TP) or 'replicated' (every TP rank computes every token).",
+        choices=TENSOR_PARALLEL_LOSSES),
 }
 
 _RECLUSTER = ("re-clustering during training needs a hook in the training loop, which only vq_megatron's own "
