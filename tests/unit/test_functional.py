@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vq_megatron.functional import vq_cross_entropy, vq_logits
+from vq_megatron.functional import vq_cross_entropy, vq_log_softmax, vq_logits
 from vq_megatron.ops import code_logits, scatter_code_logits
 from tensor_probe import LargestOutput
 
@@ -180,3 +180,122 @@ def test_public_api_rejects_padded_map_entries():
         vq_logits(h, C, m)
     with pytest.raises(ValueError, match="outside"):
         vq_cross_entropy(h, C, m, y)
+
+
+# ------------------------------------------------------------------ the two-level head (refine_weight/proj)
+def two_level_log_probs(h, C, m, b, U, P):
+    """Independent reference: the full normalised log p(v|h) [N, V] built code by code from its definition,
+    log softmax_k(z + B)_{M(v)} + log softmax over the tokens of code M(v) of (b + u·P h)_v."""
+    h2 = h.reshape(-1, h.shape[-1])
+    V, K = m.shape[0], C.shape[0]
+    b = torch.zeros(V, dtype=h.dtype) if b is None else b
+    scores = b + (h2 @ P.t()) @ U.t()
+    within = torch.zeros_like(scores)
+    B = []
+    for k in range(K):
+        members = m == k
+        B.append(torch.logsumexp(b[members], 0) if members.any() else torch.tensor(float("-inf"), dtype=h.dtype))
+        if members.any():
+            within[:, members] = torch.log_softmax(scores[:, members], -1)
+    return torch.log_softmax(h2 @ C.t() + torch.stack(B), -1)[:, m] + within
+
+
+def refined_reference(h, C, m, y, b, U, P, zl=0.0, reduction="mean"):
+    logp = two_level_log_probs(h, C, m, b, U, P)
+    flat = y.reshape(-1)
+    per_tok = F.nll_loss(logp, flat, ignore_index=IGNORE, reduction="none")
+    if zl:
+        V, K = m.shape[0], C.shape[0]
+        bb = torch.zeros(V, dtype=h.dtype) if b is None else b
+        B = torch.stack([torch.logsumexp(bb[m == k], 0) if (m == k).any() else torch.tensor(float("-inf"), dtype=h.dtype)
+                         for k in range(K)])
+        lse = torch.logsumexp(h.reshape(-1, h.shape[-1]).to(torch.promote_types(h.dtype, torch.float32)) @ C.t().to(
+            torch.promote_types(h.dtype, torch.float32)) + B, -1).to(per_tok.dtype)
+        per_tok = per_tok + zl * lse.square() * (flat != IGNORE)
+    if reduction == "none":
+        return per_tok
+    return per_tok.sum() if reduction == "sum" else per_tok.sum() / (flat != IGNORE).sum()
+
+
+def refine_factors(V, d, r, dtype, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(V, r, generator=g).to(dtype).requires_grad_(),
+            (0.5 * torch.randn(r, d, generator=g)).to(dtype).requires_grad_())
+
+
+@pytest.mark.parametrize("shape,d,V,K,empty", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("zl", [0.0, 1e-2])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_refined_matches_the_independent_reference_fp64(shape, d, V, K, empty, bias, zl, reduction):
+    h, C, m, b, y = make_inputs(shape, d, V, K, torch.float64, bias, empty)
+    U, P = refine_factors(V, d, 3, torch.float64)
+    ref = refined_reference(h, C, m, y, b, U, P, zl, reduction)
+    out = vq_cross_entropy(h, C, m, y, b, U, P, z_loss=zl, reduction=reduction)
+    if reduction == "none":
+        assert out.shape == y.shape
+        out = out.reshape(-1)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for go, gr in zip(grads(out, [h, C, b, U, P]), grads(ref, [h, C, b, U, P])):
+        torch.testing.assert_close(go, gr, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_refined_vq_log_softmax_is_the_normalised_two_level_distribution(bias):
+    h, C, m, b, y = make_inputs((4, 9), 12, 97, 11, torch.float64, bias, empty_codes=2)
+    U, P = refine_factors(97, 12, 4, torch.float64)
+    logp = vq_log_softmax(h, C, m, b, U, P)
+    assert logp.shape == (4, 9, 97)
+    torch.testing.assert_close(logp.reshape(-1, 97), two_level_log_probs(h, C, m, b, U, P), rtol=0, atol=1e-12)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(4, 9, dtype=torch.float64))
+    # without a refinement it is log_softmax of the VQ-Logits logits
+    torch.testing.assert_close(vq_log_softmax(h, C, m, b), torch.log_softmax(vq_logits(h, C, m, b), -1))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_refined_fp32_and_bf16(bias):
+    for dtype, tol in ((torch.float32, dict(rtol=1e-5, atol=1e-5)), (torch.bfloat16, dict(rtol=0, atol=0.08))):
+        h, C, m, b, y = make_inputs((3, 21), 24, 211, 31, dtype, bias, empty_codes=3)
+        U, P = refine_factors(211, 24, 8, dtype)
+        out = vq_cross_entropy(h, C, m, y, b, U, P)
+        up = [t.detach().double().requires_grad_() if t is not None else None for t in (h, C, b, U, P)]
+        ref = refined_reference(up[0], up[1], m, y, up[2], up[3], up[4])
+        torch.testing.assert_close(out.double(), ref, **tol)
+        if dtype == torch.float32:
+            for go, gr in zip(grads(out, [h, C, b, U, P]), grads(ref, [t for t in up if t is not None])):
+                torch.testing.assert_close(go.double(), gr, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_refinement_is_exactly_vq_logits_in_values_and_gradients():
+    h, C, m, b, y = make_inputs((5, 7), 16, 120, 13, torch.float64, True, empty_codes=2)
+    U = torch.zeros(120, 4, dtype=torch.float64, requires_grad=True)
+    _, P = refine_factors(120, 16, 4, torch.float64)
+    refined = vq_cross_entropy(h, C, m, y, b, U, P)
+    plain = vq_cross_entropy(h, C, m, y, b)
+    torch.testing.assert_close(refined, plain, rtol=1e-14, atol=1e-14)
+    for go, gr in zip(grads(refined, [h, C, b]), grads(plain, [h, C, b])):
+        torch.testing.assert_close(go, gr, rtol=1e-12, atol=1e-14)
+
+
+def test_refined_loss_never_materialises_n_by_v():
+    N, d, V, K = 256, 16, 4096, 256
+    h, C, m, b, y = make_inputs((N,), d, V, K, torch.float32, True)
+    U, P = refine_factors(V, d, 8, torch.float32)
+    probe = LargestOutput()
+    with probe:
+        vq_cross_entropy(h, C, m, y, b, U, P, z_loss=1e-4).backward()
+    # [N, K] code logits, [V, r] refinement, [pairs ≈ N·V/K, r] gathered operands: all far below N×V
+    assert probe.largest <= max(N * K, V * 8, 2 * N * (V // K) * 8) < N * V // 10
+
+
+def test_refined_inputs_are_checked():
+    h, C, m, b, y = make_inputs((8,), 4, 20, 5, torch.float32, True)
+    U, P = refine_factors(20, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match="together or not at all"):
+        vq_cross_entropy(h, C, m, y, refine_weight=U)
+    with pytest.raises(ValueError, match=r"refine_weight must be \[V=20, r\]"):
+        vq_cross_entropy(h, C, m, y, refine_weight=U[:5], refine_proj=P)
+    with pytest.raises(ValueError, match=r"refine_proj must be \[r=2, d=4\]"):
+        vq_cross_entropy(h, C, m, y, refine_weight=U, refine_proj=P[:, :3])
+    with pytest.raises(ValueError, match="label_smoothing=0.1 cannot be combined"):
+        vq_cross_entropy(h, C, m, y, refine_weight=U, refine_proj=P, label_smoothing=0.1)

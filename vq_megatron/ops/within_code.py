@@ -49,14 +49,16 @@ def target_code_pairs(members: CodeMembers, target_code: torch.Tensor, valid: to
 class _PairLogSumExp(torch.autograd.Function):
     """L_n = log Σ_{p: rows[p]=n} exp(s_p), s_p = b_{t_p} + u_{t_p}·g_n; -inf for rows without pairs.
 
-    forward keeps the pair softmax (one number per pair); backward: ∂s_p = softmax_p·∂L_{row p}, then
-    ∂g_n = Σ_p ∂s_p u_{t_p}, ∂U_t = Σ_p ∂s_p g_{row p}, ∂b_t = Σ_p ∂s_p (index_add, no N×V).
+    forward keeps the pair softmax and the two gathered [P, r] operands (P·(2r+1) numbers: a few MB where the
+    N×K code logits are tens); backward: ∂s_p = softmax_p·∂L_{row p}, then ∂g_n = Σ_p ∂s_p u_{t_p},
+    ∂U_t = Σ_p ∂s_p g_{row p}, ∂b_t = Σ_p ∂s_p (index_add, no N×V).
     """
 
     @staticmethod
     def forward(ctx, g, weight, bias, rows, tokens, num_rows: int):
         acc = accumulation_dtype(g.dtype)
-        scores = (weight[tokens].to(acc) * g[rows].to(acc)).sum(-1)
+        pair_weight, pair_g = weight[tokens].to(acc), g[rows].to(acc)
+        scores = (pair_weight * pair_g).sum(-1)
         if bias is not None:
             scores = scores + bias[tokens].to(acc)
         row_max = torch.full((num_rows,), float("-inf"), dtype=acc, device=g.device)
@@ -68,26 +70,27 @@ class _PairLogSumExp(torch.autograd.Function):
         lse = torch.where(has_pairs, torch.log(torch.where(has_pairs, row_sum, torch.ones_like(row_sum))) + safe_max,
                           torch.full_like(row_sum, float("-inf")))
         probs.div_(row_sum.clamp(min=torch.finfo(acc).tiny)[rows])
-        ctx.save_for_backward(g, weight, rows, tokens, probs)
+        ctx.save_for_backward(rows, tokens, probs, pair_weight, pair_g)
+        ctx.shapes = (g.shape, g.dtype, weight.shape, weight.dtype)
         ctx.has_bias = bias is not None
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse):
-        g, weight, rows, tokens, probs = ctx.saved_tensors
+        rows, tokens, probs, pair_weight, pair_g = ctx.saved_tensors
+        g_shape, g_dtype, weight_shape, weight_dtype = ctx.shapes
         grad_s = probs * grad_lse.to(probs.dtype)[rows]                  # [P]
         grad_g = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            contrib = grad_s.unsqueeze(1) * weight[tokens].to(probs.dtype)
-            grad_g = torch.zeros(g.shape, dtype=probs.dtype, device=g.device).index_add_(0, rows, contrib).to(g.dtype)
+            grad_g = torch.zeros(g_shape, dtype=probs.dtype, device=probs.device).index_add_(
+                0, rows, grad_s.unsqueeze(1) * pair_weight).to(g_dtype)
         if ctx.needs_input_grad[1]:
-            contrib = grad_s.unsqueeze(1) * g[rows].to(probs.dtype)
-            grad_weight = torch.zeros(weight.shape, dtype=probs.dtype, device=weight.device).index_add_(
-                0, tokens, contrib).to(weight.dtype)
+            grad_weight = torch.zeros(weight_shape, dtype=probs.dtype, device=probs.device).index_add_(
+                0, tokens, grad_s.unsqueeze(1) * pair_g).to(weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             shape, dtype = ctx.bias_shape
-            grad_bias = torch.zeros(shape, dtype=probs.dtype, device=g.device).index_add_(0, tokens, grad_s).to(dtype)
+            grad_bias = torch.zeros(shape, dtype=probs.dtype, device=probs.device).index_add_(0, tokens, grad_s).to(dtype)
         return grad_g, grad_weight, grad_bias, None, None, None
 
 
