@@ -6,6 +6,8 @@
     loss = vq_cross_entropy(hidden, codebook, token_to_code, labels, bias=None,
                             refine_weight=None, refine_proj=None, ignore_index=-100,
                             label_smoothing=0.0, z_loss=0.0, reduction="mean")
+    logp_y = vq_log_probs(hidden, codebook, token_to_code, tokens, ...)                  # [...]
+    entropy = vq_entropy(hidden, codebook, token_to_code, ...)                           # [...]
 
 Without the refinement this is VQ-Logits: `vq_cross_entropy` equals F.cross_entropy(vq_logits(...), labels)
 (+ z_loss·lse²) in value and gradient, through the exact collapse in O(N·K·d + V), never building N×V.
@@ -21,12 +23,12 @@ import torch
 
 from vq_megatron.checks import (check_loss_options, check_map, check_reduction, check_refine_shapes,
                                 check_token_ids, check_vq_shapes)
-from vq_megatron.ops import (CodeMembers, CollapseOptions, accumulation_dtype, code_log_mass, code_logits,
-                             collapse_statistics, collapsed_cross_entropy, reduce_loss, refine_scores,
-                             refined_logits, scatter_code_logits, segment_logsumexp, target_refine_score,
-                             within_code_logsumexp)
+from vq_megatron.ops import (CodeMembers, CollapseOptions, accumulation_dtype, code_entropy, code_log_mass,
+                             code_logits, code_mean_bias, collapse_statistics, collapsed_cross_entropy, reduce_loss,
+                             refine_scores, refined_logits, scatter_code_logits, segment_logsumexp,
+                             target_refine_score, vq_logits_entropy, within_code_entropy, within_code_logsumexp)
 
-__all__ = ["vq_logits", "vq_log_softmax", "vq_cross_entropy"]
+__all__ = ["vq_logits", "vq_log_softmax", "vq_cross_entropy", "vq_log_probs", "vq_entropy"]
 
 
 def vq_logits(hidden, codebook, token_to_code, bias=None) -> torch.Tensor:
@@ -103,3 +105,38 @@ def vq_cross_entropy(hidden, codebook, token_to_code, labels, bias=None, refine_
         per_token = per_token + within.to(per_token.dtype)
     out = reduce_loss(per_token, stats.valid, reduction)
     return out.view(labels.shape) if reduction == "none" else out
+
+
+def vq_log_probs(hidden, codebook, token_to_code, tokens, bias=None, refine_weight=None,
+                 refine_proj=None) -> torch.Tensor:
+    """log p(tokens | h), shaped like tokens: exact, through the collapse (the per-token log-probabilities RL
+    frameworks ask for), never the V logits. Every entry of tokens must be a token id."""
+    return -vq_cross_entropy(hidden, codebook, token_to_code, tokens, bias, refine_weight, refine_proj,
+                             ignore_index=-(2 ** 62), reduction="none")
+
+
+def vq_entropy(hidden, codebook, token_to_code, bias=None, refine_weight=None, refine_proj=None, *,
+               max_entries: int = 1 << 24) -> torch.Tensor:
+    """Entropy of p(·|h) over the vocabulary, [...] (fp32), differentiable (ops/entropy.py).
+
+    VQ-Logits: O(N·K·d + V). The two-level head: O(N·(K·d + V·r)), computed in row chunks of at most
+    `max_entries` scores, never N×V at once.
+    """
+    check_vq_shapes(hidden, codebook, token_to_code, bias)
+    check_map(token_to_code, codebook.shape[0])
+    check_refine_shapes(hidden, token_to_code.shape[0], refine_weight, refine_proj)
+    token_to_code, num_codes = token_to_code.long(), codebook.shape[0]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    z = code_logits(flat, codebook)
+    log_mass = code_log_mass(token_to_code, num_codes, bias).to(accumulation_dtype(z.dtype))
+    if refine_weight is None:
+        within = log_mass if bias is None else log_mass - code_mean_bias(bias, token_to_code, log_mass)
+        return vq_logits_entropy(z, log_mass, within).view(hidden.shape[:-1])
+    rows = max(1, max_entries // token_to_code.shape[0])
+    pieces = []
+    for start in range(0, flat.shape[0], rows):
+        g = torch.matmul(flat[start:start + rows], refine_proj.t())
+        h_code, q = code_entropy(z[start:start + rows], log_mass)
+        h_within = within_code_entropy(refine_scores(g, refine_weight, bias), token_to_code, num_codes)
+        pieces.append(h_code + (q * h_within).sum(-1))
+    return torch.cat(pieces).view(hidden.shape[:-1])

@@ -12,6 +12,7 @@ def test_tp_layer_matches_single_process_reference(nproc):
     out = run_torchrun("tp_layer_checks.py", nproc)
     assert f"80 cases passed at TP={nproc}" in out
     assert f"40 two-level cases passed at TP={nproc}" in out
+    assert f"8 log-prob/entropy cases passed at TP={nproc}" in out
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_and_tp4(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vq_megatron.functional import vq_cross_entropy, vq_log_softmax, vq_logits
+from vq_megatron.functional import vq_cross_entropy, vq_entropy, vq_log_probs, vq_log_softmax, vq_logits
 from vq_megatron.ops import code_logits, scatter_code_logits
 from tensor_probe import LargestOutput
 
@@ -299,3 +299,32 @@ def test_refined_inputs_are_checked():
         vq_cross_entropy(h, C, m, y, refine_weight=U, refine_proj=P[:, :3])
     with pytest.raises(ValueError, match="label_smoothing=0.1 cannot be combined"):
         vq_cross_entropy(h, C, m, y, refine_weight=U, refine_proj=P, label_smoothing=0.1)
+
+
+# ------------------------------------------------------------------ log-probs and entropy (RL / evaluation)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rank", [0, 3])
+def test_log_probs_and_entropy_equal_the_materialised_distribution(bias, rank):
+    h, C, m, b, y = make_inputs((4, 9), 12, 97, 11, torch.float64, bias, empty_codes=2, ignore_every=0)
+    U, P = refine_factors(97, 12, rank, torch.float64) if rank else (None, None)
+    if rank:
+        logp = two_level_log_probs(h, C, m, b, U, P).view(4, 9, 97)
+    else:
+        logp = torch.log_softmax(vq_logits(h, C, m, b), -1)
+    ref_entropy = -(logp.exp() * logp).sum(-1)
+    got = vq_entropy(h, C, m, b, U, P, max_entries=97 * 5)          # several row chunks
+    torch.testing.assert_close(got, ref_entropy, rtol=1e-10, atol=1e-10)
+    inputs = [t for t in (h, C, b, U, P) if t is not None]
+    for go, gr in zip(grads(got, inputs), grads(ref_entropy, inputs)):
+        torch.testing.assert_close(go, gr, rtol=1e-9, atol=1e-10)
+    lp = vq_log_probs(h, C, m, y, b, U, P)
+    torch.testing.assert_close(lp, logp.gather(-1, y.unsqueeze(-1)).squeeze(-1), rtol=1e-10, atol=1e-10)
+
+
+def test_entropy_never_materialises_n_by_v_for_vq_logits():
+    N, d, V, K = 256, 16, 4096, 8
+    h, C, m, b, _ = make_inputs((N,), d, V, K, torch.float32, True)
+    probe = LargestOutput()
+    with probe:
+        vq_entropy(h, C, m, b).sum().backward()
+    assert probe.largest <= max(N * max(K, d), V) < N * V // 10

@@ -301,6 +301,19 @@ class VQOutputLayer(nn.Module):
         out = reduce_loss(per_token, valid, reduction)
         return out.view(labels.shape) if reduction == "none" else out
 
+    def log_probs(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(tokens | h) [s, b] (RL's per-token log-probabilities): exact, TP-aware, no V logits."""
+        from vq_megatron.layers.vq_scores import log_probs
+
+        return log_probs(self, hidden, tokens)
+
+    def entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Entropy of the full distribution over the vocabulary [s, b]: exact, TP-aware, differentiable;
+        O(N·K + V) for VQ-Logits, O(N·V·r / TP) for a two-level head (layers/vq_scores.py)."""
+        from vq_megatron.layers.vq_scores import entropy
+
+        return entropy(self, hidden)
+
     def code_index(self):
         """The CodeIndex of the whole map and bias (collective over TP; cached, see layers/vq_sampling.py)."""
         from vq_megatron.layers.vq_sampling import sampling_tables

@@ -152,6 +152,56 @@ def run_case(V, K, bias, sp, eps, zl, empty, device, refine_rank=0):
     return case
 
 
+def check_log_probs_and_entropy(device) -> int:
+    """layer.log_probs / layer.entropy under TP vs the single-process functional API on the full fp64 tensors
+    (which the unit tests check against the materialised distribution), values and hidden/codebook grads."""
+    from vq_megatron.functional import vq_entropy, vq_log_probs
+
+    T, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    s, b, d, V, K = 8, 3, 16, 103, 9
+    cases = 0
+    for bias, sp, r in itertools.product((False, True), (False, True), (0, 3)):
+        gen = torch.Generator().manual_seed(17 + 2 * r + bias)
+        cfg = VQLogitsConfig(vocab_size=V, hidden_size=d, codebook_size=K, per_token_bias=bias, seed=3,
+                             codebook_init_std=0.5, refine_rank=r)
+        layer = VQOutputLayer(cfg, sequence_parallel=sp, device=device)
+        full_map = torch.randint(0, K - 1, (V,), generator=gen)                  # code K-1 stays empty
+        full_map[: K - 1] = torch.arange(K - 1)
+        layer.set_map(full_map)
+        full_bias = torch.randn(V, generator=gen) if bias else None
+        if bias:
+            layer.bias.data.copy_(pad_rows(full_bias, layer))
+        U = torch.randn(V, r, generator=gen) if r else None
+        if r:
+            layer.refine_weight.data.copy_(pad_rows(U, layer))
+            layer.refine_proj.data.mul_(4.0)
+        h_full = torch.randn(s, b, d, generator=gen)
+        tokens = torch.randint(0, V, (s, b), generator=gen)
+        ref_h = h_full.double().requires_grad_()
+        ref_C = layer.codebook.detach().cpu().double().requires_grad_()
+        refine = {} if not r else dict(refine_weight=U.double(), refine_proj=layer.refine_proj.detach().cpu().double())
+        ref_bias = None if full_bias is None else full_bias.double().requires_grad_()
+        ref_ent = vq_entropy(ref_h, ref_C, full_map, ref_bias, **refine)
+        ref_lp = vq_log_probs(ref_h.detach(), ref_C.detach(), full_map, tokens,
+                              None if ref_bias is None else ref_bias.detach(), **refine)
+        (ref_ent.sum()).backward()
+        rows = slice(rank * s // T, (rank + 1) * s // T) if sp else slice(None)
+        h = h_full[rows].clone().to(device).requires_grad_()
+        case = f"entropy/log_probs bias={bias} sp={sp} r={r} T={T}"
+        ent = layer.entropy(h)
+        ent.sum().backward()
+        assert_close(ent, ref_ent, "entropy", case)
+        assert_identical_across_tp(ent.detach(), "entropy", case)
+        assert_close(h.grad, ref_h.grad[rows], "entropy hidden grad", case)
+        assert_close(layer.codebook.grad, ref_C.grad, "entropy codebook grad", case)
+        if bias:
+            assert_close(layer.bias.grad, pad_rows(ref_bias.grad, layer), "entropy bias grad", case)
+        with torch.no_grad():
+            assert_close(layer.log_probs(h_full[rows].to(device), tokens.to(device)), ref_lp, "log_probs", case)
+        cases += 1
+    return cases
+
+
 def main():
     init_parallel(tensor_parallel=dist.get_world_size() if dist.is_initialized() else int(
         __import__("os").environ["WORLD_SIZE"]))
@@ -172,10 +222,12 @@ def main():
             continue
         run_case(103, K, bias, sp, 0.0, zl, empty, device, refine_rank=3)
         refined += 1
+    scores = check_log_probs_and_entropy(device)
     if dist.get_rank() == 0:
         T = ps.get_tensor_model_parallel_world_size()
         print(f"tp_layer_checks: {done} cases passed at TP={T}")
         print(f"tp_layer_checks: {refined} two-level cases passed at TP={T}")
+        print(f"tp_layer_checks: {scores} log-prob/entropy cases passed at TP={T}")
     shutdown_parallel()
 
 
