@@ -10,6 +10,8 @@ adaptive: AdaptiveGPTModel, adaptive softmax over frequency-ranked token ids (la
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
@@ -23,6 +25,42 @@ from vq_megatron.parallel import padded_vocab_size
 __all__ = ["LossHeadGPTModel", "VQGPTModel", "AdaptiveGPTModel", "build_gpt_model", "head_parameter_count"]
 
 
+class _NoOutputLayer(torch.nn.Module):
+    """What GPTModel.__init__ builds instead of its V×d ColumnParallelLinear while a loss head is built: no
+    weight at all (GPTModel only checks `weight is None` before the head replaces it)."""
+
+    weight = None
+
+    def __init__(self, *args, config, **kwargs):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+
+
+class _TensorParallelWithoutOutputLinear:
+    """megatron.core.tensor_parallel as gpt_model.py sees it, but ColumnParallelLinear builds nothing. The
+    decoder's linears come from its layer spec, not from this name, so only the output layer is affected."""
+
+    ColumnParallelLinear = _NoOutputLayer
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@contextlib.contextmanager
+def _without_dense_output_layer():
+    import megatron.core.models.gpt.gpt_model as gpt_module
+
+    real = gpt_module.tensor_parallel
+    gpt_module.tensor_parallel = _TensorParallelWithoutOutputLinear(real)
+    try:
+        yield
+    finally:
+        gpt_module.tensor_parallel = real
+
+
 class LossHeadGPTModel(GPTModel):
     """A GPTModel whose output layer computes the training loss itself from the hidden states.
 
@@ -30,6 +68,8 @@ class LossHeadGPTModel(GPTModel):
     (its forward still returns logits). With labels, forward() routes the hidden states to that loss through
     GPTModel's `output_processor` hook, so the [s, b, V] logits are never built and the return contract
     (per-token loss [b, s]) is unchanged. Such a head is never tied to the embedding and has no MTP.
+    GPTModel's own V×d output layer is never allocated (at V=256k, d=8k that would be 2 B parameters built
+    and initialised only to be thrown away).
     """
 
     head_name = "this output layer"
@@ -40,8 +80,9 @@ class LossHeadGPTModel(GPTModel):
             raise ValueError(f"{type(self).__name__} cannot tie embeddings and output weights")
         if config.mtp_num_layers:
             raise ValueError(f"multi-token prediction heads are not supported with {self.head_name}")
-        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length,
-                         share_embeddings_and_output_weights=False, **kwargs)
+        with _without_dense_output_layer():
+            super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length,
+                             share_embeddings_and_output_weights=False, **kwargs)
 
     def head_device(self):
         return torch.device("cpu") if self.config.use_cpu_initialization else torch.cuda.current_device()
@@ -80,7 +121,6 @@ class VQGPTModel(LossHeadGPTModel):
                  embeddings=None, init_from_data: bool = True, **kwargs):
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         if self.post_process:
-            # Replaces the dense V×d ColumnParallelLinear built by GPTModel.__init__ (freed here).
             self.output_layer = VQOutputLayer(
                 vq_config, padded_vocab_size=vocab_size, tp_group=self.pg_collection.tp,
                 sequence_parallel=config.sequence_parallel, gather_output=not self.parallel_output,
