@@ -2,10 +2,13 @@
 
 Run: torchrun --nproc_per_node=N tests/distributed/workers/tp_layer_checks.py
 Every rank checks its own shard / replica; any mismatch raises and fails the launch.
+VQ_CHECK_DTYPE=bf16 runs the layer in bfloat16 (on GPUs: launch/gpu_check.sh) against the same fp64
+reference, with bf16 tolerances.
 """
 
 import dataclasses
 import itertools
+import os
 
 import torch
 import torch.distributed as dist
@@ -19,10 +22,17 @@ from vq_megatron.integration.distributed import init_parallel, local_device, shu
 from vq_megatron.layers import VQOutputLayer
 
 IGNORE = -100
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}[os.environ.get("VQ_CHECK_DTYPE", "fp32")]
+TOLERANCE = 1e-5 if DTYPE == torch.float32 else 6e-2   # bf16 keeps 8 bits of mantissa
 
 
-def assert_close(actual, expected, what, case, rtol=1e-5, atol=1e-5):
-    expected = expected.to(actual.device, actual.dtype)
+def as_dtype(t: torch.Tensor) -> torch.Tensor:
+    """Inputs rounded to the layer's dtype, so the fp64 reference sees the very values the layer holds."""
+    return t.to(DTYPE).float()
+
+
+def assert_close(actual, expected, what, case, rtol=TOLERANCE, atol=TOLERANCE):
+    actual, expected = actual.float(), expected.to(actual.device, torch.float32)
     scale = max(1.0, float(expected.abs().max()))
     if not torch.allclose(actual, expected, rtol=rtol, atol=atol * scale):
         diff = float((actual - expected).abs().max())
@@ -92,19 +102,19 @@ def run_case(V, K, bias, sp, eps, zl, empty, device, refine_rank=0):
     gen = torch.Generator().manual_seed(V * 1009 + K * 31 + empty)
     cfg = VQLogitsConfig(vocab_size=V, hidden_size=d, codebook_size=K, per_token_bias=bias, seed=11,
                          codebook_init_std=0.5, label_smoothing=eps, z_loss=zl, refine_rank=refine_rank)
-    layer = VQOutputLayer(cfg, sequence_parallel=sp, device=device)
+    layer = VQOutputLayer(cfg, sequence_parallel=sp, device=device, params_dtype=DTYPE)
     full_map = torch.randint(0, K - empty, (V,), generator=gen)
     full_map[: min(V, K - empty)] = torch.arange(min(V, K - empty))
     layer.set_map(full_map)
-    full_bias = torch.randn(V, generator=gen) if bias else None
+    full_bias = as_dtype(torch.randn(V, generator=gen)) if bias else None
     if bias:
         layer.bias.data.copy_(pad_rows(full_bias, layer))
     refine = None
     if refine_rank:
-        refine = (torch.randn(V, refine_rank, generator=gen), layer.refine_proj.detach().cpu() * 4)
+        refine = (as_dtype(torch.randn(V, refine_rank, generator=gen)), as_dtype(layer.refine_proj.detach().cpu().float() * 4))
         layer.refine_weight.data.copy_(pad_rows(refine[0], layer))
         layer.refine_proj.data.copy_(refine[1])
-    h_full = torch.randn(s, b, d, generator=gen)
+    h_full = as_dtype(torch.randn(s, b, d, generator=gen))
     labels = torch.randint(0, V, (s, b), generator=gen)
     labels[1::3, 0] = IGNORE
     weights = torch.rand(s, b, generator=gen)
@@ -113,7 +123,7 @@ def run_case(V, K, bias, sp, eps, zl, empty, device, refine_rank=0):
     rows = slice(rank * s // T, (rank + 1) * s // T) if sp else slice(None)
 
     def local_hidden():
-        return h_full[rows].clone().to(device).requires_grad_()
+        return h_full[rows].clone().to(device, DTYPE).requires_grad_()
 
     # The collapsed loss both ways: split by tokens over TP (the default) and replicated on every rank.
     for path in ("collapsed-split", "collapsed-replicated", "materialised"):
