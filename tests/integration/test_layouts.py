@@ -37,7 +37,7 @@ def runs(data, tmp_path_factory):
     return get
 
 
-def assert_same_run(reference: dict, other: dict, what: str, tolerance: float = 1e-5) -> None:
+def assert_same_run(reference: dict, other: dict, what: str, tolerance: float = 2e-6) -> None:
     diff = max_step_diff(reference, other)
     assert diff <= tolerance, f"{what}: per-step losses differ by up to {diff:.3e}"
     ppl, other_ppl = reference["eval"]["val_ppl"], other["eval"]["val_ppl"]

@@ -71,7 +71,8 @@ def test_training_under_deepspeed_launcher_lowers_the_loss(data, tmp_path, head,
     losses = s["train_losses"]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 0.1, losses
     assert 1 < s["eval"]["c4_val_ppl"] < 1000 and s["head_parameters"] > 0
-    assert s["head_parameters"] == (64 * 64 + 1000 if head == "vq" else 1024 * 64)
+    # the config's VQ head is the two-level one: K·d + V (bias) + V·r + r·d with K=64, d=64, V=1000, r=8
+    assert s["head_parameters"] == (64 * 64 + 1000 + 1000 * 8 + 8 * 64 if head == "vq" else 1024 * 64)
     ckpts = sorted(p.name for p in (tmp_path / head).glob("step_*"))
     assert ckpts == ["step_00000020", "step_00000030"]                  # keep_last=2
     assert (tmp_path / head / "latest_complete").read_text().strip() == "step_00000030"
