@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vq_megatron.ops.clusters import CodeMembers, accumulation_dtype, segment_logsumexp
+from vq_megatron.ops.clusters import CodeMembers, accumulation_dtype
 from vq_megatron.ops.scatter import scatter_code_logits
 
 __all__ = ["member_positions", "target_code_pairs", "within_code_logsumexp", "target_refine_score", "refine_scores",
