@@ -4,12 +4,14 @@ Tensor parallelism (size T, optional):
 - codebook [K, d]: replicated on every TP rank (marked tensor_model_parallel=False, as Megatron marks
   layernorm weights), initialised identically (broadcast from TP rank 0);
 - token_to_code: this rank's vocabulary range [V_pad/T] of the map, padded slots = -1; bias likewise.
-  A non-persistent replicated copy of the whole map (V ints) serves the collapsed loss, so the loss
-  needs no communication without a bias (global code counts are static) and one packed all-gather
-  with it.
+  A non-persistent replicated copy of the whole map (V ints) serves the collapsed loss, whose bias terms
+  need one packed all-gather (none without a bias: the global code counts are static).
 - forward() is the vocab-parallel scatter: local logit shard [s, b, V_pad/T], like ColumnParallelLinear.
-- loss() is the collapsed cross-entropy: computed identically on every TP rank (N·K work is small), so
-  its gradients are complete on every rank and no TP reduction of them is needed or done.
+- loss() is the collapsed cross-entropy (layers/vq_loss.py): by default each TP rank computes it for 1/T
+  of the tokens (codebook gradient all-reduced, per-token losses all-gathered), or whole on every rank
+  (vq.tensor_parallel_loss: replicated).
+- sample(), code_index() (layers/vq_sampling.py), log_probs() and entropy() (layers/vq_scores.py): exact,
+  TP-aware, without the V logits of VQ-Logits.
 
 With `refine_rank` r > 0 the head is two-level (ops/within_code.py): U [V_pad/T, r] is vocab-sharded like
 the bias and P [r, d] is replicated like the codebook. In loss() each rank scores only the members of each
@@ -45,7 +47,8 @@ __all__ = ["VQOutputLayer"]
 
 
 class VQOutputLayer(nn.Module):
-    """VQ-Logits head: logits l_v = (h·Cᵀ)_{M(v)} (+ b_v); loss via the exact O(N·K) collapse.
+    """The VQ head: logits l_v = (h·Cᵀ)_{M(v)} (+ b_v) (VQ-Logits), plus the two-level head's within-code
+    refinement when refine_rank > 0; the loss via the exact O(N·K) collapse.
 
     Args:
         config: VQLogitsConfig.
@@ -86,7 +89,6 @@ class VQOutputLayer(nn.Module):
             if codebook.shape[1] != config.hidden_size:
                 raise ValueError(f"codebook_init='kmeans' needs embeddings of width hidden_size="
                                  f"{config.hidden_size}, got {codebook.shape[1]}")
-            centroids = codebook
         else:
             codebook = normal_codebook(config.codebook_size, config.hidden_size,
                                        std=config.codebook_init_std, seed=config.seed + 1)
