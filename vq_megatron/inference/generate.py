@@ -1,8 +1,9 @@
 """`vq-megatron-generate RUN_DIR --prompt TEXT`: continue a prompt with a trained dense or VQ model.
 
-The VQ head never builds the V logits: the last hidden state goes through the exact O(K + cluster)
-sampler (vq_megatron.ops.sampling); the dense head samples its gathered logits with the same rules.
-Runs in one process, or under torchrun with TP = number of processes (any TP the run was trained with).
+Decoding is incremental (megatron-core's KV cache, inference/decoding.py). The VQ head never builds the
+V logits: the last hidden state goes through the exact sampler (vq_megatron.ops.sampling); the dense head
+samples its gathered logits with the same rules. Runs in one process, or under torchrun with TP = number of
+processes (any TP, whatever the run was trained with), with the run's own tokenizer (sentencepiece or GPT-2 BPE).
 """
 
 from __future__ import annotations
@@ -18,41 +19,24 @@ __all__ = ["generate_ids", "main"]
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], *, max_new_tokens: int, seq_length: int, vocab_size: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                 seed: int = 0, eod_id: int | None = None, device=None) -> list[int]:
-    """Autoregressive continuation (no KV cache: each step re-reads the last seq_length tokens)."""
-    from vq_megatron.layers import VQOutputLayer
-    from vq_megatron.ops.sampling import sample_from_logits
-    from vq_megatron.training.data import causal_mask
+                 seed: int = 0, eod_id: int | None = None, device=None, num_samples: int = 1,
+                 max_batch_size: int | None = None) -> list[list[int]]:
+    """num_samples continuations of one prompt, decoded together with the KV cache (inference/decoding.py)."""
+    from vq_megatron.inference.decoding import generate_batch
 
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: nothing to continue")
     device = device or torch.device("cpu")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    ids = list(prompt_ids)
-    head = model.output_layer
-    for _ in range(max_new_tokens):
-        window = torch.tensor([ids[-seq_length:]], device=device)
-        s = window.shape[1]
-        positions = torch.arange(s, device=device).unsqueeze(0)
-        mask = causal_mask(s, device)
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, greedy=greedy)
-        if isinstance(head, VQOutputLayer):
-            hidden = model(window, positions, mask, output_processor=lambda hidden_states, **_: hidden_states)
-            token = head.sample(hidden[-1], **options)       # hidden: [s, b, d]
-        else:
-            logits = model(window, positions, mask, runtime_gather_output=True)[:, -1, :vocab_size]
-            token = sample_from_logits(logits, **options)
-            token = _same_on_all_tp_ranks(token)
-        ids.append(int(token[0]))
-        if eod_id is not None and ids[-1] == eod_id:
-            break
-    return ids
-
-
-def _same_on_all_tp_ranks(token: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
-    from vq_megatron.parallel import broadcast_from_first_rank
-
-    return broadcast_from_first_rank(token.contiguous(), ps.get_tensor_model_parallel_group())
+    prompts = torch.tensor([prompt_ids] * num_samples, device=device)
+    ids = generate_batch(model, prompts, max_new_tokens=max_new_tokens, seq_length=seq_length,
+                         vocab_size=vocab_size, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                         generator=torch.Generator(device=device).manual_seed(seed), max_batch_size=max_batch_size,
+                         eod_id=eod_id)
+    rows = ids.tolist()
+    if eod_id is not None:   # cut each row after its first end-of-document token
+        start = len(prompt_ids)
+        rows = [row[: start + row[start:].index(eod_id) + 1] if eod_id in row[start:] else row for row in rows]
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--tokenizer-model", default=None, help="sentencepiece model (default: the run's)")
     p.add_argument("--stop-at-eod", action="store_true", help="stop at the end-of-document token")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, decoded as one batch")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="rows the KV cache is allocated for (default 8); --num-samples may not exceed it")
     return p
 
 
@@ -80,14 +67,15 @@ def main(argv=None) -> int:
 
     with trained_run(args.run_dir, tag=args.tag, tokenizer_model=args.tokenizer_model) as (
             model, cfg, tag, tokenizer, device):
-        ids = generate_ids(model, tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
-                           seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           greedy=args.greedy, seed=args.seed,
-                           eod_id=tokenizer.eod_id if args.stop_at_eod else None, device=device)
+        rows = generate_ids(model, tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
+                            seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            greedy=args.greedy, seed=args.seed,
+                            eod_id=tokenizer.eod_id if args.stop_at_eod else None, device=device,
+                            num_samples=args.num_samples, max_batch_size=args.max_batch_size)
         if dist.get_rank() == 0:
             print(f"[generate] {args.run_dir} ({cfg.model.output_layer} head, checkpoint {tag})")
-            print(tokenizer.decode(ids))
+            print("\n---\n".join(tokenizer.decode(ids) for ids in rows))
     return 0
 
 

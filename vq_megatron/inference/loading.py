@@ -98,13 +98,26 @@ def load_trained_model(run_dir: str | Path, *, tag: str | None = None, device=No
 
 
 def load_tokenizer(cfg: RunConfig):
-    """The run's sentencepiece tokenizer (data.tokenizer_model)."""
-    from vq_megatron.data.tokenizers import load_sentencepiece
+    """The run's own tokenizer: data.tokenizer_model (sentencepiece) when set, else the one the training data
+    was prepared with, as `<data.train_prefix>.meta.json` records it (sentencepiece or GPT-2 BPE files)."""
+    from vq_megatron.data.tokenizers import load_gpt2, load_sentencepiece
+    from vq_megatron.training.data import read_meta
 
     path = cfg.data.tokenizer_model
-    if not path or not Path(path).is_file():
-        raise FileNotFoundError(f"the run's data.tokenizer_model {path!r} is not a file: pass --tokenizer-model")
-    return load_sentencepiece(path)
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"the run's data.tokenizer_model {path!r} is not a file: pass --tokenizer-model")
+        return load_sentencepiece(path)
+    meta = read_meta(cfg.data.train_prefix) if cfg.data.train_prefix else {}
+    kind, files = meta.get("tokenizer"), meta.get("tokenizer_files") or []
+    missing = [f for f in files if not Path(f).is_file()]
+    if kind == "gpt2" and len(files) == 2 and not missing:
+        return load_gpt2(*files)
+    if kind == "sentencepiece" and len(files) == 1 and not missing:
+        return load_sentencepiece(files[0])
+    raise FileNotFoundError(f"cannot tell the run's tokenizer: data.tokenizer_model is empty and "
+                            f"{cfg.data.train_prefix}.meta.json names {kind!r} with files {files} "
+                            f"({'missing: ' + str(missing) if missing else 'unusable'}); pass --tokenizer-model")
 
 
 @contextmanager

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vq_megatron.checks import check_sampling_args
+
 __all__ = ["filtered_probs", "sample_from_logits"]
 
 
@@ -42,6 +44,7 @@ def filtered_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int
 def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                        generator: torch.Generator | None = None, greedy: bool = False) -> torch.Tensor:
     """Token ids [N] from logits [N, V] (greedy, or temperature 0: argmax, lowest id among ties)."""
+    check_sampling_args(temperature, top_k, top_p)
     if greedy or temperature == 0.0:
         return logits.argmax(-1)
     order, probs = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
