@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["prepare_data", "SHARED"]
+__all__ = ["prepare_data", "vocabulary_size", "SHARED"]
+
+GPT2_VOCAB = 50257
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -20,6 +22,11 @@ SHARED = ROOT.parent / "shared" / "data"
 def _call(cmd: list[str]) -> None:
     print("[experiments] $ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def vocabulary_size(data: dict) -> int:
+    """V of a grid's `data:` section: GPT-2 BPE's 50257, or the sentencepiece `vocab` (8000 by default)."""
+    return GPT2_VOCAB if data.get("tokenizer") == "gpt2" else data.get("vocab", 8000)
 
 
 def prepare_data(data_dir: str | Path, *, tokenizer: str = "sentencepiece", vocab: int = 8000) -> dict:
@@ -31,7 +38,7 @@ def prepare_data(data_dir: str | Path, *, tokenizer: str = "sentencepiece", voca
     c4 = SHARED / "c4"
     train_in = [str(c4 / "c4-train.00000-of-01024.first1000.jsonl.gz"), str(c4 / "c4-validation.sample2000.jsonl.gz")]
     if tokenizer == "gpt2":
-        vocab, tag, sp_model = 50257, "gpt2", ""
+        vocab, tag, sp_model = GPT2_VOCAB, "gpt2", ""
         tok = ["--tokenizer", "gpt2", "--gpt2-vocab", str(SHARED / "gpt2" / "gpt2-vocab.json.gz"),
                "--gpt2-merges", str(SHARED / "gpt2" / "gpt2-merges.txt")]
     elif tokenizer == "sentencepiece":

@@ -90,3 +90,9 @@ def test_the_check_itself_sees_a_wrong_import(tmp_path):
     targets = [t for _, t in imports(bad)]
     assert "vq_megatron.training.trainer" in targets and "torch.distributed" in targets
     assert FLOOR_OF[room_of("vq_megatron.training.trainer")] > FLOOR_OF["ops"]
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test files by basename (no __init__.py packages): two with one name break collection."""
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

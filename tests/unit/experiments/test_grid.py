@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))   # experiments/ is a folder of scripts at the repository root, not installed
 
 from experiments.grid import load_grid, overrides  # noqa: E402
+from experiments.data import vocabulary_size  # noqa: E402
 from experiments.run_grid import data_settings, source_settings  # noqa: E402
 from vq_megatron.training.config import load_run_config  # noqa: E402
 
@@ -30,7 +31,7 @@ def write_grid(tmp_path, text: str) -> Path:
 def driver_settings(grid, spec) -> dict:
     """Every override the runner passes for this run (data, grid, run, source)."""
     source = source_settings(spec, Path("S/step_00000050"), Path("S/head_rows.pt")) if spec.source else {}
-    return {**data_settings(grid, {**DATA, "vocab": grid.data.get("vocab", 8000)}), **spec.settings, **source}
+    return {**data_settings(grid, {**DATA, "vocab": vocabulary_size(grid.data)}), **spec.settings, **source}
 
 
 def parsed(settings: dict):
