@@ -3,8 +3,9 @@ stage, with the largest per-step loss difference against the single-process run.
 
     .venv/bin/python experiments/layouts.py [--out docs/results/layout_equivalence]
 
-Layouts: (TP=1, DP=1, gradient accumulation 2), (TP=1, DP=2), (TP=2, DP=1), (TP=2, DP=2), and TP=2 with
-sequence parallelism; heads: dense, VQ-Logits (refine_rank 0), the two-level VQ head (refine_rank 4);
+Layouts: (TP=1, DP=1, gradient accumulation 2), (TP=1, DP=2), (TP=2, DP=1), (TP=2, DP=2), pipeline parallel
+(PP=2) alone, with TP=2 and with DP=2 (the schedule's 2 or 1 micro-batches), and TP=2 with sequence
+parallelism (also under PP=2); heads: dense, VQ-Logits (refine_rank 0), the two-level VQ head (refine_rank 4);
 ZeRO 1 and 2. Same global batch (8 x 32 tokens), seed and data everywhere; gradient clipping at 0.05 acts
 on every step. Each run is one torchrun launch of `python -m vq_megatron.train` on this machine (gloo on
 CPU, NCCL on GPUs). tests/integration/test_layouts.py asserts the same comparisons on a subset.
@@ -25,8 +26,10 @@ SLICE = ROOT / "data" / "c4_slice"
 
 CLIP = 0.05
 STEPS = 5
-LAYOUTS = {  # name: (processes, tensor_parallel); DP = processes / TP; accumulation = 8 / (4 · DP)
-    "tp1_dp1_ga2": (1, 1), "tp1_dp2": (2, 1), "tp2_dp1": (2, 2), "tp2_dp2": (4, 2)}
+LAYOUTS = {  # name: (processes, tensor_parallel, pipeline_parallel); DP = processes / (TP · PP);
+    # accumulation = 8 / (4 · DP) micro-batches (the pipeline schedule's micro-batches under PP)
+    "tp1_dp1_ga2": (1, 1, 1), "tp1_dp2": (2, 1, 1), "tp2_dp1": (2, 2, 1), "tp2_dp2": (4, 2, 1),
+    "pp2_dp1": (2, 1, 2), "pp2_tp2": (4, 2, 2), "pp2_dp2": (4, 1, 2)}
 HEADS = {"dense": ["model.output_layer=dense"],
          "vq": ["model.output_layer=vq", "model.vq.refine_rank=0"],
          "vq_refined": ["model.output_layer=vq", "model.vq.refine_rank=4"]}
@@ -49,10 +52,10 @@ def prepare_tiny_data(root: Path) -> Path:
 
 def train(data: Path, run_dir: Path, layout: str, head: str, zero: int = 1, sp: bool = False) -> dict:
     """One launch; returns its summary.json. Raises with the tail of the output when it fails."""
-    nproc, tp = LAYOUTS[layout]
+    nproc, tp, pp = LAYOUTS[layout]
     sets = [f"data.train_prefix={data / 'train'}", "data.eval_sets={val: " + str(data / "val") + "}",
             f"data.tokenizer_model={data / 'sp.model'}", f"training.save_dir={run_dir}",
-            f"parallel.tensor_parallel={tp}", f"training.deepspeed_config=configs/deepspeed/zero{zero}_fp32.json",
+            f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", f"training.deepspeed_config=configs/deepspeed/zero{zero}_fp32.json",
             f"parallel.sequence_parallel={str(sp).lower()}", *TINY, *HEADS[head]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "vq_megatron.train", "--config", "configs/c4_small.yaml", *[a for s in sets for a in ("--set", s)]]
@@ -60,7 +63,7 @@ def train(data: Path, run_dir: Path, layout: str, head: str, zero: int = 1, sp: 
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise RuntimeError(f"{layout} {head} zero{zero} sp={sp} failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
-    expected = f"grad_accumulation={8 // (4 * (nproc // tp))}"
+    expected = f"grad_accumulation={8 // (4 * (nproc // (tp * pp)))}"
     if expected not in proc.stdout:
         raise RuntimeError(f"{layout}: the driver did not report {expected}")
     return json.loads((run_dir / "summary.json").read_text())
@@ -81,8 +84,8 @@ def main(argv=None) -> int:
         data = prepare_tiny_data(Path(tmp))
         for head in HEADS:
             reference = train(data, Path(tmp) / f"{head}_ref", "tp1_dp1_ga2", head)
-            cases = [(layout, zero, False) for zero in (1, 2) for layout in LAYOUTS] + [("tp2_dp1", 1, True),
-                                                                                         ("tp2_dp2", 2, True)]
+            cases = [(layout, zero, False) for zero in (1, 2) for layout in LAYOUTS] + [
+                ("tp2_dp1", 1, True), ("tp2_dp2", 2, True), ("pp2_tp2", 1, True)]
             for layout, zero, sp in cases:
                 name = f"{head}_{layout}_z{zero}{'_sp' if sp else ''}"
                 run = reference if (layout, zero, sp) == ("tp1_dp1_ga2", 1, False) else \
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    lines = ["| head | layout | ZeRO | SP | max per-step loss diff vs TP=1 DP=1 GA=2 | eval ppl | reference ppl |",
+    lines = ["| head | layout | ZeRO | SP | max per-step loss diff vs TP=1 PP=1 DP=1 GA=2 | eval ppl | reference ppl |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['head']} | {r['layout']} | {r['zero']} | {'on' if r['sequence_parallel'] else 'off'} | "
               f"{r['max_step_loss_diff']:.2e} | {r['eval_ppl']:.4f} | {r['reference_eval_ppl']:.4f} |" for r in rows]

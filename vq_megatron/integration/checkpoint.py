@@ -4,8 +4,9 @@ Also the one reader of a run's checkpoints outside the engine: `resolve_checkpoi
 tag, or a step directory -> a verified checkpoint directory) and `load_model_shards` (the model state of
 every TP rank), used by inference, the two-stage strategy and post-hoc conversion.
 
-Layout: <save_dir>/step_00000100/ holds DeepSpeed's files, rng_rank<r>.pt per rank and MANIFEST.json
-(size and SHA-256 of every file); <save_dir>/latest_complete names the newest complete tag. Both are
+Layout: <save_dir>/step_00000100/ holds DeepSpeed's files (mp_rank_XX: XX = pipeline stage · TP + TP rank,
+see integration/deepspeed_mpu.py), rng_rank<r>.pt per rank, layout.json (the TP/PP/DP sizes it was
+written at) and MANIFEST.json (size and SHA-256 of every file); <save_dir>/latest_complete names the newest complete tag. Both are
 written by rank 0 only after every rank finished writing (temp file + os.replace), so a run killed
 mid-save never leaves a half-written checkpoint marked as complete: a step dir without MANIFEST.json is
 ignored (and pruned by the next save). On load the manifest is checked, so a truncated or corrupted file
@@ -24,14 +25,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vq_megatron.integration.deepspeed_mpu import split_model_parallel_file_rank
 from vq_megatron.files import atomic_write_json, atomic_write_text, sha256_file
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_complete_tag", "complete_tags", "verify_checkpoint",
            "CheckpointError", "rng_state", "set_rng_state", "resolve_checkpoint", "load_model_shards", "safe_load",
-           "TRUSTED_GLOBALS", "MANIFEST", "LATEST"]
+           "checkpoint_layout", "merge_pipeline_stages", "TRUSTED_GLOBALS", "MANIFEST", "LATEST", "LAYOUT"]
 
 LATEST = "latest_complete"
 MANIFEST = "MANIFEST.json"
+LAYOUT = "layout.json"
 
 
 class CheckpointError(RuntimeError):
@@ -150,6 +153,7 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, *, client_state: di
     torch.save(rng_state(), save_dir / tag / f"rng_rank{dist.get_rank():05d}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
+        atomic_write_json(save_dir / tag / LAYOUT, _current_layout())
         _write_manifest(save_dir / tag)
         atomic_write_text(save_dir / LATEST, tag)
         _prune(save_dir, keep_last, tag)
@@ -189,12 +193,41 @@ def safe_load(path: str | Path, map_location="cpu"):
                               "it") from None
 
 
+def _current_layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+            "data_parallel": ps.get_data_parallel_world_size()}
+
+
+def checkpoint_layout(tag_dir: str | Path) -> dict:
+    """The parallel sizes a checkpoint was written at (checkpoints older than layout.json: PP=1)."""
+    path = Path(tag_dir) / LAYOUT
+    return json.loads(path.read_text()) if path.is_file() else {"pipeline_parallel": 1}
+
+
+def _check_resumable_layout(save_dir: Path, tag: str) -> None:
+    """DeepSpeed restores model and optimizer files only at the model-parallel layout they were written at;
+    elsewhere it would load another stage's or shard's file, or fail deep inside. Stop clearly instead."""
+    written, now = checkpoint_layout(save_dir / tag), _current_layout()
+    keys = ("tensor_parallel", "pipeline_parallel")
+    if "tensor_parallel" in written and any(written[k] != now[k] for k in keys):
+        have = ", ".join(f"{k}={written[k]}" for k in keys)
+        want = ", ".join(f"{k}={now[k]}" for k in keys)
+        raise CheckpointError(f"checkpoint {save_dir / tag} was written at {have}, but this run has {want}: "
+                              "training resumes only at the layout a checkpoint was written at (set parallel.* "
+                              "back, or use another training.save_dir); vq-megatron-generate and "
+                              "vq-megatron-evaluate read it at any layout")
+
+
 def load_checkpoint(engine, save_dir: str | Path, tag: str, *, verify: bool = True) -> dict:
     """Restore engine (model, optimizer, LR schedule) and this rank's RNG; returns the client state.
 
     Every file is read through safe_load (DeepSpeed's own engine would unpickle anything)."""
     if verify:
         verify_checkpoint(save_dir, tag)
+    _check_resumable_layout(Path(save_dir), tag)
     engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
     path, client_state = engine.load_checkpoint(str(save_dir), tag=tag)
     if path is None:
@@ -233,18 +266,44 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     return run_dir / tag
 
 
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def merge_pipeline_stages(stages: list[dict]) -> dict:
+    """One state dict from the state dicts of consecutive pipeline stages: each stage numbers its
+    transformer layers from 0, so they are renumbered to their global index; everything else (embedding on
+    the first stage, final norm and output layer on the last) is kept as it is."""
+    merged, offset = {}, 0
+    for state in stages:
+        local = {int(m.group(1)) for key in state if (m := _LAYER.match(key))}
+        for key, value in state.items():
+            m = _LAYER.match(key)
+            name = key if m is None else f"decoder.layers.{int(m.group(1)) + offset}.{key[m.end():]}"
+            if name in merged:
+                raise ValueError(f"pipeline stages both hold {name}")
+            merged[name] = value
+        offset += max(local) + 1 if local else 0
+    return merged
+
+
 def load_model_shards(path: str | Path, tag: str | None = None) -> list[dict]:
-    """The model state dicts of every TP shard of a checkpoint, ordered by TP rank."""
+    """The model state dicts of every TP shard of a checkpoint, ordered by TP rank; the stages of a
+    pipeline-parallel checkpoint are merged into one model per TP rank."""
     ckpt = resolve_checkpoint(path, tag)
     shards = sorted((int(_SHARD.search(p.name).group(1)), p) for p in ckpt.glob("mp_rank_*_model_states.pt"))
     if [r for r, _ in shards] != list(range(len(shards))):
         raise _refusal(ckpt.parent, ckpt.name,
-                       f"{ckpt}: TP shards {[r for r, _ in shards]} are not 0..{len(shards) - 1}")
-    states = []
-    for _, file in shards:
+                       f"{ckpt}: model-parallel files {[r for r, _ in shards]} are not 0..{len(shards) - 1}")
+    pp = checkpoint_layout(ckpt).get("pipeline_parallel", 1)
+    if len(shards) % pp:
+        raise _refusal(ckpt.parent, ckpt.name, f"{ckpt}: {len(shards)} model-parallel files for {pp} stages")
+    tp = len(shards) // pp
+    stages = [[None] * pp for _ in range(tp)]
+    for rank, file in shards:
         state = safe_load(file)
         if "module" not in state:
             raise _refusal(ckpt.parent, ckpt.name,
                            f"{file}: no 'module' state dict (not a DeepSpeed model-states file)")
-        states.append(state["module"])
-    return states
+        stage, tp_rank = split_model_parallel_file_rank(rank, tp)
+        stages[tp_rank][stage] = state["module"]
+    return [merge_pipeline_stages(per_rank) if pp > 1 else per_rank[0] for per_rank in stages]

@@ -20,6 +20,7 @@ from vq_megatron.config import VQLogitsConfig
 from vq_megatron.layers import AdaptiveSoftmaxHead, VQOutputLayer
 from vq_megatron.models.config import ModelConfig
 from vq_megatron.models.layer_specs import gpt_layer_spec
+from vq_megatron.models.seeding import seeded_gpt_components, seeded_layer_spec
 from vq_megatron.parallel import padded_vocab_size
 
 __all__ = ["LossHeadGPTModel", "VQGPTModel", "AdaptiveGPTModel", "build_gpt_model", "head_parameter_count"]
@@ -150,21 +151,33 @@ class AdaptiveGPTModel(LossHeadGPTModel):
 def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                     sequence_parallel: bool = False, params_dtype=torch.float32, pre_process: bool = True,
                     post_process: bool = True, token_counts=None, embeddings=None,
-                    weights_from_checkpoint: bool = False) -> GPTModel:
+                    weights_from_checkpoint: bool = False, init_seed: int | None = None) -> GPTModel:
     """Build the GPT body (model.layer_spec: megatron-core's local modules, with a sequence-parallel norm
     when SP is on, or Transformer Engine's) and the head named by output_layer.
 
     weights_from_checkpoint: every weight (the VQ map included) is about to be loaded, so the head skips
     its data-dependent initialisation (token counts, k-means of embedding files) and needs no data.
+    init_seed: draw the embedding's and every layer's initial weights from streams of their own
+    (models/seeding.py), so this seed gives the same model at every pipeline layout; None keeps megatron's
+    single build-order stream.
     """
     config = model_cfg.transformer_config(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                           sequence_parallel=sequence_parallel, params_dtype=params_dtype)
+    layer_spec = gpt_layer_spec(config, model_cfg.layer_spec)
+    if init_seed is not None:
+        layer_spec = seeded_layer_spec(layer_spec, init_seed)
     common = dict(
-        config=config, transformer_layer_spec=gpt_layer_spec(config, model_cfg.layer_spec),
+        config=config, transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by,
                                      tensor_parallel),
         max_sequence_length=model_cfg.seq_length, pre_process=pre_process, post_process=post_process,
         position_embedding_type=model_cfg.position_embedding_type)
+    with seeded_gpt_components(init_seed) if init_seed is not None else contextlib.nullcontext():
+        return _build_head_model(model_cfg, common, token_counts, embeddings, weights_from_checkpoint)
+
+
+def _build_head_model(model_cfg: ModelConfig, common: dict, token_counts, embeddings,
+                      weights_from_checkpoint: bool) -> GPTModel:
     if model_cfg.output_layer == "dense":
         return GPTModel(share_embeddings_and_output_weights=model_cfg.tie_embeddings, **common)
     if model_cfg.output_layer == "adaptive":

@@ -20,8 +20,8 @@ __all__ = ["ParallelConfig", "DataConfig", "OptimConfig", "TrainingConfig", "Run
 
 @dataclass
 class ParallelConfig:
-    """tensor_parallel: TP size (divides attention heads); pipeline_parallel: PP size (1 supported by the
-    driver); sequence_parallel: Megatron SP, activations split along the sequence between the TP ranks
+    """tensor_parallel: TP size (divides attention heads); pipeline_parallel: PP size (divides num_layers;
+    megatron-core's 1F1B schedule, ZeRO-1/2; see docs/PARALLELISM.md); sequence_parallel: Megatron SP, activations split along the sequence between the TP ranks
     (needs tensor_parallel > 1; any device: the local spec then uses a norm that supports it).
     Data parallel size = world size / (TP · PP)."""
 
@@ -35,9 +35,6 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("parallel.sequence_parallel=true splits the sequence between tensor-parallel ranks: "
                              "it needs parallel.tensor_parallel > 1")
-        if self.pipeline_parallel != 1:
-            raise ValueError("parallel.pipeline_parallel > 1 is not supported by this driver yet (the VQ "
-                             "layer itself works as the last stage's output layer)")
 
 
 @dataclass
@@ -135,6 +132,34 @@ class RunConfig:
     data: DataConfig
     optim: OptimConfig
     training: TrainingConfig
+
+    def __post_init__(self):
+        self._check_pipeline_parallel()
+
+    def _check_pipeline_parallel(self) -> None:
+        """What the pipeline driver cannot do, refused up front with what to use instead."""
+        pp = self.parallel.pipeline_parallel
+        if pp == 1:
+            return
+        where = f"parallel.pipeline_parallel={pp}"
+        if self.model.num_layers % pp:
+            raise ValueError(f"{where} must divide model.num_layers={self.model.num_layers} (equal stages)")
+        refused = {
+            "model.tie_embeddings=true": (self.model.tie_embeddings, "the first and last stage would each hold "
+                                          "a copy of the embedding; set model.tie_embeddings=false"),
+            "training.nan_policy=skip": (self.training.nan_policy == "skip", "the pipeline schedule backpropagates "
+                                         "each micro-batch on every stage before the loss can be checked; use "
+                                         "nan_policy=stop"),
+            "model.vq.recluster_interval > 0": (
+                self.model.output_layer == "vq" and bool(self.model.vq_config().recluster_interval),
+                "re-clustering reads the input embedding (first stage) into the map (last stage); set "
+                "model.vq.recluster_interval=0, or re-cluster in a pipeline_parallel=1 run"),
+            "model.init_from": (bool(self.model.init_from), "two-stage loading maps a dense run's weights onto a "
+                                "single-stage model; run the VQ stage with pipeline_parallel=1, or convert first"),
+        }
+        for what, (bad, why) in refused.items():
+            if bad:
+                raise ValueError(f"{what} is not supported with {where}: {why}")
 
     def gradient_accumulation(self, data_parallel: int) -> int:
         per_step = self.training.micro_batch_size * data_parallel

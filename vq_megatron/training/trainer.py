@@ -25,6 +25,7 @@ from vq_megatron.training.data import (Batch, build_train_dataset, causal_mask, 
                                        check_vocab_consistency, corpus_token_counts, eval_windows, read_meta,
                                        train_batch)
 from vq_megatron.training.metrics import MetricsLogger
+from vq_megatron.training.pipeline import pipeline_train_step, pipeline_windows_nll
 
 __all__ = ["train", "evaluate", "deepspeed_config"]
 
@@ -105,9 +106,21 @@ def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
     ds.update(train_micro_batch_size_per_gpu=cfg.training.micro_batch_size, gradient_accumulation_steps=ga,
               train_batch_size=cfg.training.global_batch_size, gradient_clipping=cfg.optim.clip_grad,
               steps_per_print=10 ** 9)
+    if cfg.parallel.pipeline_parallel > 1:
+        # megatron's schedule runs the step's micro-batches and divides their losses by their number; its
+        # backward calls are plain torch ones. DeepSpeed must neither divide again (its hooks divide output
+        # gradients by gradient_accumulation_steps) nor reduce at a micro-batch boundary it counts itself:
+        # engine.step() is the one accumulation boundary.
+        ds.update(gradient_accumulation_steps=1, managed_gradient_accumulation=False,
+                  train_batch_size=cfg.training.micro_batch_size * data_parallel)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.training.precision == "bf16"}
     ds.setdefault("zero_allow_untested_optimizer", True)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0 and cfg.parallel.pipeline_parallel > 1:
+        raise ValueError(f"training.deepspeed_config {path}: ZeRO stage 0 cannot train with "
+                         f"parallel.pipeline_parallel={cfg.parallel.pipeline_parallel}: megatron's pipeline "
+                         "schedule runs its own backward, which DeepSpeed accumulates only with a ZeRO optimizer; "
+                         "use configs/deepspeed/zero1_fp32.json or zero2_fp32.json")
     if stage not in (0, 1, 2):
         raise ValueError(f"training.deepspeed_config {path}: ZeRO stage {stage} is not supported: stage 3 partitions "
                          "the parameters and gathers them only around module forwards, but the output layer's "
@@ -117,6 +130,16 @@ def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
     return ds
 
 
+def _head_parameters(model, device) -> int:
+    """head_parameter_count of the whole model: the output layer lives on the last pipeline stage only."""
+    from megatron.core import parallel_state as ps
+
+    count = torch.tensor(head_parameter_count(model), dtype=torch.int64, device=device)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+    return int(count)
+
+
 class _NonFiniteGuard:
     """Applies training.nan_policy to NaN/Inf losses, identically on every rank (one flag all-reduce)."""
 
@@ -124,7 +147,7 @@ class _NonFiniteGuard:
         self.policy, self.max_in_a_row = policy, max_in_a_row
         self.total = self.in_a_row = 0
 
-    def should_skip(self, loss: torch.Tensor, step: int, micro: int) -> bool:
+    def should_skip(self, loss: torch.Tensor, step: int, micro: int | str) -> bool:
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if not bad.item():
@@ -161,6 +184,29 @@ def _forward_loss(engine, batch: Batch, mask) -> torch.Tensor:
     return (per_token.float() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
 
 
+def _accumulated_step(engine, batches: list[Batch], mask, guard: _NonFiniteGuard, step: int) -> torch.Tensor:
+    """One optimizer step as DeepSpeed's gradient accumulation: forward, backward and engine.step() per
+    micro-batch (the engine steps the optimizer at the last). Returns the mean micro-batch loss."""
+    step_loss = torch.zeros((), device=mask.device)
+    for micro, batch in enumerate(batches):
+        loss = _forward_loss(engine, batch, mask)
+        if guard.should_skip(loss, step, micro):
+            loss = _zero_gradient_loss(engine)
+        engine.backward(loss)
+        engine.step()
+        step_loss += loss.detach() / len(batches)
+    return step_loss
+
+
+def _pipeline_step(engine, batches: list[Batch], mask, guard: _NonFiniteGuard, step: int) -> torch.Tensor:
+    """One optimizer step through megatron's pipeline schedule, stepped only when the loss is finite
+    (nan_policy=stop: a skipped micro-batch would need its gradient taken out of every stage, refused)."""
+    step_loss = pipeline_train_step(engine, batches, mask)
+    guard.should_skip(step_loss, step, "(one of them)")
+    engine.step()
+    return step_loss
+
+
 @torch.no_grad()
 def evaluate(engine, cfg: RunConfig, device, max_tokens: int | None = None) -> dict:
     """Sequential perplexity on every data.eval_sets entry (token-level; word-level with a meta file).
@@ -174,8 +220,12 @@ def evaluate(engine, cfg: RunConfig, device, max_tokens: int | None = None) -> d
     for name, prefix in cfg.data.eval_sets.items():
         cap = cfg.data.eval_tokens if max_tokens is None else max_tokens
         windows = eval_windows(prefix, cfg.model.seq_length, cap)
-        nll, count = windows_nll(engine, windows[dp_rank::dp], micro_batch_size=cfg.training.micro_batch_size,
-                                 device=device, group=ps.get_data_parallel_group())
+        if cfg.parallel.pipeline_parallel > 1:   # the forward-only schedule drives the megatron module
+            nll_of, model = pipeline_windows_nll, engine.module
+        else:
+            nll_of, model = windows_nll, engine
+        nll, count = nll_of(model, windows[dp_rank::dp], micro_batch_size=cfg.training.micro_batch_size,
+                            device=device, group=ps.get_data_parallel_group())
         meta = read_meta(prefix)
         words = None
         if meta.get("words") and meta.get("tokens"):
@@ -214,10 +264,12 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     device = local_device()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     ga = cfg.gradient_accumulation(dp)
+    pp = cfg.parallel.pipeline_parallel
     print(f"[rank {dist.get_rank()}/{dist.get_world_size()}] host={socket.gethostname()} "
           f"local_rank={os.environ.get('LOCAL_RANK', 0)} tp_rank={ps.get_tensor_model_parallel_rank()}/"
-          f"{ps.get_tensor_model_parallel_world_size()} dp_rank={dp_rank}/{dp} backend={dist.get_backend()} "
-          f"device={device} grad_accumulation={ga}", flush=True)
+          f"{ps.get_tensor_model_parallel_world_size()} pp_rank={ps.get_pipeline_model_parallel_rank()}/{pp} "
+          f"dp_rank={dp_rank}/{dp} backend={dist.get_backend()} device={device} grad_accumulation={ga}",
+          flush=True)
     save_dir = Path(t.save_dir)
     if dist.get_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -227,10 +279,12 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     check_vocab_consistency(cfg.model.vocab_size, [cfg.data.train_prefix, *cfg.data.eval_sets.values()],
                             cfg.data.tokenizer_model)
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-    model = build_gpt_model(cfg.model, tensor_parallel=cfg.parallel.tensor_parallel,
+    # Seeded per layer: the same model at every pipeline layout (models/seeding.py).
+    model = build_gpt_model(cfg.model, tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=pp,
                             sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
-                            **_vq_init_data(cfg)).to(device)
-    head_params = head_parameter_count(model)
+                            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                            init_seed=t.seed, **_vq_init_data(cfg)).to(device)
+    head_params = _head_parameters(model, device)
     if cfg.parallel.sequence_parallel:   # DeepSpeed does not reduce these over TP; megatron's DDP would
         reduce_sequence_parallel_grads(model, ps.get_tensor_model_parallel_group())
     if cfg.model.init_from:   # two-stage: body weights of a dense run (a resumed checkpoint overrides them)
@@ -258,18 +312,13 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     stop_at = min(t.steps, start_step + exit_after_steps) if exit_after_steps else t.steps
     while step < stop_at:
         began = time.perf_counter()
-        step_loss = torch.zeros((), device=device)
+        batches = []
         for micro in range(ga):
             batch = train_batch(dataset, step=step, dp_rank=dp_rank, micro=micro, micro_batch_size=t.micro_batch_size,
                                 data_parallel=dp, grad_accumulation=ga)
             check_token_range(batch, cfg.model.vocab_size)
-            batch = batch.to(device)
-            loss = _forward_loss(engine, batch, mask)
-            if guard.should_skip(loss, step, micro):
-                loss = _zero_gradient_loss(engine)
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach() / ga
+            batches.append(batch.to(device))
+        step_loss = (_pipeline_step if pp > 1 else _accumulated_step)(engine, batches, mask, guard, step)
         dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
         step_loss /= dp
         step += 1

@@ -127,7 +127,7 @@ def test_model_shards_come_in_tp_rank_order(tmp_path):
 def test_a_gap_in_shard_numbers_is_refused(run):
     _publish(run, 12, ranks=(0, 2))
     message = _refusal(load_model_shards, run)
-    assert f"{run / _tag(12)}: TP shards [0, 2] are not 0..1" in message
+    assert f"{run / _tag(12)}: model-parallel files [0, 2] are not 0..1" in message
     assert "resume from it with --set training.resume_tag=step_00000008" in message
 
 
@@ -191,3 +191,60 @@ def test_what_our_checkpoints_contain_still_loads(tmp_path):
     loaded = safe_load(path)
     assert torch.equal(loaded["module"]["w"], torch.ones(3)) and loaded["zero_stage"] == ZeroStageEnum.optimizer_states
     assert loaded["param_slice_mappings"][0]["w"].numel == 3
+
+
+def test_pipeline_stages_are_merged_into_one_model_per_tp_rank(tmp_path):
+    """A PP=2 × TP=2 checkpoint (mp_rank = stage · TP + TP rank): each TP rank's two stages become one state
+    dict whose stage-local layer numbers are global again."""
+    from vq_megatron.files import atomic_write_json
+    from vq_megatron.integration.checkpoint import LAYOUT
+
+    tag_dir = tmp_path / _tag(3)
+    tag_dir.mkdir()
+    for stage in (0, 1):
+        for tp_rank in (0, 1):
+            local = {f"decoder.layers.{i}.mlp.weight": torch.tensor([10.0 * stage + i, tp_rank]) for i in (0, 1)}
+            local.update({"embedding.word_embeddings.weight": torch.tensor([tp_rank])} if stage == 0 else
+                         {"output_layer.codebook": torch.tensor([tp_rank]),
+                          "decoder.final_layernorm.weight": torch.ones(1)})
+            torch.save({"module": local}, tag_dir / f"mp_rank_{2 * stage + tp_rank:02d}_model_states.pt")
+    atomic_write_json(tag_dir / LAYOUT, {"tensor_parallel": 2, "pipeline_parallel": 2, "data_parallel": 1})
+    _write_manifest(tag_dir)
+    atomic_write_text(tmp_path / LATEST, tag_dir.name)
+
+    shards = load_model_shards(tmp_path)
+    assert len(shards) == 2
+    for tp_rank, state in enumerate(shards):
+        assert sorted(k for k in state if k.startswith("decoder.layers")) == [
+            f"decoder.layers.{i}.mlp.weight" for i in range(4)]
+        for i, (stage, local) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            assert state[f"decoder.layers.{i}.mlp.weight"].tolist() == [10.0 * stage + local, tp_rank]
+        assert state["output_layer.codebook"].item() == tp_rank == state["embedding.word_embeddings.weight"].item()
+
+
+def test_merging_refuses_a_parameter_on_two_stages():
+    from vq_megatron.integration.checkpoint import merge_pipeline_stages
+
+    with pytest.raises(ValueError, match="pipeline stages both hold embedding.weight"):
+        merge_pipeline_stages([{"embedding.weight": 1}, {"embedding.weight": 2}])
+
+
+def test_deepspeed_model_parallel_rank_is_unique_per_stage_and_tp_rank():
+    from types import SimpleNamespace
+
+    from vq_megatron.integration.deepspeed_mpu import MegatronMPU, split_model_parallel_file_rank
+
+    seen = set()
+    for stage in range(3):
+        for tp_rank in range(2):
+            ps = SimpleNamespace(get_pipeline_model_parallel_rank=lambda s=stage: s,
+                                 get_tensor_model_parallel_rank=lambda t=tp_rank: t,
+                                 get_tensor_model_parallel_world_size=lambda: 2,
+                                 get_pipeline_model_parallel_world_size=lambda: 3)
+            mpu = MegatronMPU(ps)
+            rank = mpu.get_model_parallel_rank()
+            assert split_model_parallel_file_rank(rank, 2) == (stage, tp_rank)
+            assert mpu.get_tensor_model_parallel_rank() == tp_rank   # ZeRO's norm filter reads this one
+            assert mpu.get_model_parallel_world_size() == 6
+            seen.add(rank)
+    assert seen == set(range(6))

@@ -25,3 +25,24 @@ def test_zero3_is_refused_with_a_clear_error(tmp_path):
     cfg = load_run_config(REPO / "configs" / "c4_small.yaml", [f"training.deepspeed_config={ds}"])
     with pytest.raises(ValueError, match="ZeRO stage 3 is not supported.*zero1_fp32.json"):
         deepspeed_config(cfg, data_parallel=1)
+
+
+def test_pipeline_parallel_hands_the_accumulation_boundary_to_the_schedule():
+    """Under PP megatron's schedule runs (and averages) the micro-batches: DeepSpeed must not divide by them
+    again nor reduce at a boundary of its own; engine.step() is the boundary."""
+    cfg = load_run_config(REPO / "configs" / "c4_small.yaml", ["parallel.pipeline_parallel=2",
+                                                               "training.micro_batch_size=2",
+                                                               "training.global_batch_size=16"])
+    ds = deepspeed_config(cfg, data_parallel=2)
+    assert ds["gradient_accumulation_steps"] == 1 and ds["managed_gradient_accumulation"] is False
+    assert ds["train_batch_size"] == 4 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert cfg.gradient_accumulation(data_parallel=2) == 4           # the schedule's micro-batches
+    assert "managed_gradient_accumulation" not in deepspeed_config(
+        load_run_config(REPO / "configs" / "c4_small.yaml"), data_parallel=1)
+
+
+def test_pipeline_parallel_refuses_zero0_naming_what_to_use():
+    cfg = load_run_config(REPO / "configs" / "c4_small.yaml", ["parallel.pipeline_parallel=2",
+                                                               "training.deepspeed_config=configs/deepspeed/zero0_fp32.json"])
+    with pytest.raises(ValueError, match="ZeRO stage 0 cannot train with parallel.pipeline_parallel=2.*zero1_fp32"):
+        deepspeed_config(cfg, data_parallel=1)

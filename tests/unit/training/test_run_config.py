@@ -28,12 +28,26 @@ def test_repo_config_loads_and_overrides_apply():
     ("training.precision=fp16", "precision must be fp32 or bf16"),
     ("training.stepz=3", r"unknown option\(s\) \['stepz'\] in section 'training'"),
     ("trainer.steps=3", r"unknown config section\(s\) \['trainer'\]"),
-    ("parallel.pipeline_parallel=2", "pipeline_parallel > 1 is not supported"),
     ("steps=3", "must look like section.field=value"),
 ])
 def test_bad_config_gives_a_clear_error(override, match):
     with pytest.raises(ValueError, match=match):
         load_run_config("configs/c4_small.yaml", [override])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.num_layers=3"], "pipeline_parallel=2 must divide model.num_layers=3"),
+    (["model.output_layer=dense", "model.tie_embeddings=true"], "tie_embeddings=true is not supported with "
+                                                                 "parallel.pipeline_parallel=2"),
+    (["training.nan_policy=skip"], "nan_policy=skip is not supported with parallel.pipeline_parallel=2: .* use "
+                                   "nan_policy=stop"),
+    (["model.vq.recluster_interval=10"], "recluster_interval > 0 is not supported with"),
+    (["model.init_from=runs/dense"], "model.init_from is not supported with parallel.pipeline_parallel=2"),
+])
+def test_what_the_pipeline_driver_cannot_do_is_refused_up_front(overrides, match):
+    load_run_config("configs/c4_small.yaml", ["parallel.pipeline_parallel=2"])   # the plain case is fine
+    with pytest.raises(ValueError, match=match):
+        load_run_config("configs/c4_small.yaml", ["parallel.pipeline_parallel=2", *overrides])
 
 
 def test_batch_and_parallel_sizes_are_checked():
