@@ -50,13 +50,15 @@ def prepare_tiny_data(root: Path) -> Path:
     return root
 
 
-def train(data: Path, run_dir: Path, layout: str, head: str, zero: int = 1, sp: bool = False) -> dict:
-    """One launch; returns its summary.json. Raises with the tail of the output when it fails."""
+def train(data: Path, run_dir: Path, layout: str, head: str, zero: int = 1, sp: bool = False,
+          extra: tuple = ()) -> dict:
+    """One launch (extra: more `section.field=value` settings); returns its summary.json. Raises with the
+    tail of the output when it fails."""
     nproc, tp, pp = LAYOUTS[layout]
     sets = [f"data.train_prefix={data / 'train'}", "data.eval_sets={val: " + str(data / "val") + "}",
             f"data.tokenizer_model={data / 'sp.model'}", f"training.save_dir={run_dir}",
             f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", f"training.deepspeed_config=configs/deepspeed/zero{zero}_fp32.json",
-            f"parallel.sequence_parallel={str(sp).lower()}", *TINY, *HEADS[head]]
+            f"parallel.sequence_parallel={str(sp).lower()}", *TINY, *HEADS[head], *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "vq_megatron.train", "--config", "configs/c4_small.yaml", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

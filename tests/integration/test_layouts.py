@@ -30,10 +30,11 @@ def runs(data, tmp_path_factory):
     """Launch each (layout, head, zero, sp) once per module: {key: summary}."""
     root, done = tmp_path_factory.mktemp("layout_runs"), {}
 
-    def get(layout: str, head: str, zero: int = 1, sp: bool = False) -> dict:
-        key = (layout, head, zero, sp)
+    def get(layout: str, head: str, zero: int = 1, sp: bool = False, extra: tuple = ()) -> dict:
+        key = (layout, head, zero, sp, *extra)
         if key not in done:
-            done[key] = train(data, root / "_".join(map(str, key)), layout, head, zero, sp)
+            name = "_".join(map(str, key)).replace("=", "-").replace(".", "-")
+            done[key] = train(data, root / name, layout, head, zero, sp, extra)
         return done[key]
     return get
 
@@ -76,3 +77,28 @@ def test_zero2_equals_zero1_with_data_parallel(runs):
 def test_sequence_parallel_equals_sp_off(runs, head):
     assert_same_run(runs("tp2_dp1", head), runs("tp2_dp1", head, sp=True), f"{head} SP on vs off at TP=2",
                     tolerance=2e-4)
+
+
+@pytest.mark.parametrize("head", ["dense", "vq_refined"])
+def test_multi_token_prediction_agrees_across_layouts(runs, head):
+    """MTP (one depth) through the collapsed loss for VQ, megatron's own for dense: TP=2 and DP=2 equal the
+    single process, and the MTP loss is logged and moves the run (it is not a no-op)."""
+    mtp = ("model.mtp_num_layers=1",)
+    reference = runs("tp1_dp1_ga2", head, extra=mtp)
+    for layout in ("tp2_dp1", "tp1_dp2"):
+        assert_same_run(reference, runs(layout, head, extra=mtp), f"{head} MTP {layout} vs tp1_dp1_ga2")
+    assert max_step_diff(reference, runs("tp1_dp1_ga2", head)) > 1e-4   # MTP changes the training
+    mtp_losses = reference["mtp_losses"]["mtp_1_loss"]
+    assert len(mtp_losses) == len(reference["train_losses"]) and all(4 < x < 8 for x in mtp_losses), mtp_losses
+    tp2 = runs("tp2_dp1", head, extra=mtp)["mtp_losses"]["mtp_1_loss"]
+    assert max(abs(a - b) for a, b in zip(mtp_losses, tp2)) < 1e-5
+
+
+def test_hybrid_backbone_trains_the_same_at_tp2(runs):
+    """model.backbone: hybrid (megatron-core's HybridModel, "*-" per layer) with the two-level VQ head in the
+    driver: TP=2 equals TP=1."""
+    hybrid = ("model.backbone=hybrid",)
+    reference = runs("tp1_dp1_ga2", "vq_refined", extra=hybrid)
+    assert_same_run(reference, runs("tp2_dp1", "vq_refined", extra=hybrid), "hybrid vq_refined tp2 vs tp1")
+    moved = abs(reference["train_losses"][-1] - reference["train_losses"][0])
+    assert moved > 1e-3, f"the hybrid run barely trains ({moved:.1e})"

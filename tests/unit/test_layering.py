@@ -1,6 +1,6 @@
 """The package's imports run one way, top-down (read from the source with ast, nothing is imported).
 
-    checks, files  <-  config  <-  ops  <-  parallel  <-  layers, functional  <-  models
+    checks, files, quiet  <-  config  <-  ops  <-  parallel  <-  layers, functional  <-  models
         <-  integration, data  <-  strategies  <-  training  <-  inference  <-  train, compare (CLIs)
 
 A module may import from its own room (package) and any room on a lower floor, never from a higher one.
@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "vq_megatron"
 
 FLOORS = [
-    ("checks", "files"),
+    ("checks", "files", "quiet"),
     ("config",),
     ("ops",),
     ("parallel",),

@@ -18,8 +18,9 @@ __all__ = ["KVCacheDecoder", "generate_batch"]
 
 
 def _hidden(model, ids: torch.Tensor, positions: torch.Tensor, mask, context):
-    return model(ids, positions, mask, inference_context=context,
-                 output_processor=lambda hidden_states, **_: hidden_states)
+    from vq_megatron.models.hybrid import final_hidden_states
+
+    return final_hidden_states(model, ids, positions, mask, inference_context=context)
 
 
 class KVCacheDecoder:

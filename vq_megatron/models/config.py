@@ -9,9 +9,10 @@ import torch
 from vq_megatron.config import VQLogitsConfig
 from vq_megatron.models.layer_specs import LAYER_SPECS
 
-__all__ = ["ModelConfig", "OUTPUT_LAYERS"]
+__all__ = ["ModelConfig", "OUTPUT_LAYERS", "BACKBONES"]
 
 OUTPUT_LAYERS = ("dense", "vq", "adaptive")
+BACKBONES = ("gpt", "hybrid")
 
 
 @dataclass
@@ -28,6 +29,11 @@ class ModelConfig:
         by training-data frequency first); empty = [V/8, V/2]. adaptive_div_value: its tail shrink factor.
     init_from: a dense run directory (or one of its step_* checkpoint directories) whose body weights (all
         but output_layer.*) initialise this model before training (two-stage dense -> VQ).
+    backbone: 'gpt' (megatron-core's GPTModel) or 'hybrid' (megatron-core's HybridModel with the GPT pattern
+        "*-" per layer: num_layers attention + num_layers MLP layers; dense and vq heads, PP=1, no MTP).
+    mtp_num_layers: multi-token prediction depths (megatron-core's MTP; 0 = off). Every depth goes through the
+        output layer's loss (for VQ the collapsed one, never N×V logits); mtp_loss_scaling_factor weighs
+        their mean against the main loss (megatron's default 0.1). Dense, vq and adaptive heads; PP=1.
     layer_spec: the body's modules: 'local' (megatron-core's own, any device; with sequence parallelism a
         norm that supports it), 'transformer_engine' (Transformer Engine's fused modules; needs TE), or
         'auto' (Transformer Engine on a GPU when it is importable, else local).
@@ -52,6 +58,9 @@ class ModelConfig:
     adaptive_div_value: float = 4.0
     init_from: str = ""
     layer_spec: str = "auto"
+    mtp_num_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
+    backbone: str = "gpt"
 
     def __post_init__(self) -> None:
         if self.output_layer not in OUTPUT_LAYERS:
@@ -63,6 +72,13 @@ class ModelConfig:
                      "make_vocab_size_divisible_by"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mtp_num_layers < 0 or self.mtp_loss_scaling_factor < 0:
+            raise ValueError("model.mtp_num_layers and model.mtp_loss_scaling_factor must be >= 0")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone={self.backbone!r} is not one of {BACKBONES}")
+        if self.backbone == "hybrid" and (self.output_layer == "adaptive" or self.mtp_num_layers):
+            raise ValueError("model.backbone=hybrid supports output_layer dense or vq without multi-token "
+                             "prediction; use backbone: gpt for output_layer=adaptive or mtp_num_layers > 0")
         if self.layer_spec not in LAYER_SPECS:
             raise ValueError(f"model.layer_spec={self.layer_spec!r} is not one of {LAYER_SPECS}")
         if self.hidden_size % self.num_attention_heads:
@@ -90,14 +106,17 @@ class ModelConfig:
         if self.num_layers % pipeline_parallel:
             raise ValueError(f"pipeline_parallel={pipeline_parallel} must divide model.num_layers={self.num_layers}")
         return TransformerConfig(
-            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            # HybridModel counts attention and MLP layers separately: a GPT layer is two of them
+            num_layers=self.num_layers * (2 if self.backbone == "hybrid" else 1), hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
             hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
             init_method_std=self.init_method_std, tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
+            mtp_num_layers=self.mtp_num_layers or None, mtp_loss_scaling_factor=self.mtp_loss_scaling_factor,
             sequence_parallel=sequence_parallel and tensor_parallel > 1,
             params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
             pipeline_dtype=params_dtype,
             use_cpu_initialization=(not torch.cuda.is_available() if use_cpu_initialization is None
                                     else use_cpu_initialization),
+            cuda_graph_modules=[],   # megatron's default "full" warns that it is deprecated; [] is the same
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
+import megatron.core.models.gpt.gpt_model as gpt_module
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
@@ -19,97 +20,46 @@ from megatron.core.transformer import TransformerConfig
 from vq_megatron.config import VQLogitsConfig
 from vq_megatron.layers import AdaptiveSoftmaxHead, VQOutputLayer
 from vq_megatron.models.config import ModelConfig
-from vq_megatron.models.layer_specs import gpt_layer_spec
-from vq_megatron.models.seeding import seeded_gpt_components, seeded_layer_spec
+from vq_megatron.models.layer_specs import gpt_layer_spec, resolve_layer_spec
+from vq_megatron.models.loss_head import LossHeadMixin, without_dense_output_layer
+from vq_megatron.models.mtp import mtp_through_head_loss
+from vq_megatron.models.seeding import seeded_embedding, seeded_layer_spec
 from vq_megatron.parallel import padded_vocab_size
 
 __all__ = ["LossHeadGPTModel", "VQGPTModel", "AdaptiveGPTModel", "build_gpt_model", "head_parameter_count"]
 
 
-class _NoOutputLayer(torch.nn.Module):
-    """What GPTModel.__init__ builds instead of its V×d ColumnParallelLinear while a loss head is built: no
-    weight at all (GPTModel only checks `weight is None` before the head replaces it)."""
+class LossHeadGPTModel(LossHeadMixin, GPTModel):
+    """A GPTModel whose output layer computes the training loss itself from the hidden states
+    (models/loss_head.py).
 
-    weight = None
-
-    def __init__(self, *args, config, **kwargs):
-        super().__init__()
-        self.sequence_parallel = config.sequence_parallel
-
-
-class _TensorParallelWithoutOutputLinear:
-    """megatron.core.tensor_parallel as gpt_model.py sees it, but ColumnParallelLinear builds nothing. The
-    decoder's linears come from its layer spec, not from this name, so only the output layer is affected."""
-
-    ColumnParallelLinear = _NoOutputLayer
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-@contextlib.contextmanager
-def _without_dense_output_layer():
-    import megatron.core.models.gpt.gpt_model as gpt_module
-
-    real = gpt_module.tensor_parallel
-    gpt_module.tensor_parallel = _TensorParallelWithoutOutputLinear(real)
-    try:
-        yield
-    finally:
-        gpt_module.tensor_parallel = real
-
-
-class LossHeadGPTModel(GPTModel):
-    """A GPTModel whose output layer computes the training loss itself from the hidden states.
-
-    Subclasses set `self.output_layer` to a module with `loss(hidden [s, b, h], labels [s, b]) -> [s, b]`
-    (its forward still returns logits). With labels, forward() routes the hidden states to that loss through
-    GPTModel's `output_processor` hook, so the [s, b, V] logits are never built and the return contract
-    (per-token loss [b, s]) is unchanged. Such a head is never tied to the embedding and has no MTP.
-    GPTModel's own V×d output layer is never allocated (at V=256k, d=8k that would be 2 B parameters built
-    and initialised only to be thrown away).
+    With labels, forward() routes the hidden states to the head's loss through GPTModel's
+    `output_processor` hook, so the [s, b, V] logits are never built and the return contract (per-token
+    loss [b, s]) is unchanged; multi-token prediction depths go through the same loss (models/mtp.py;
+    `mtp_loss_from_logits = True` runs megatron's own logits path instead, the reference). GPTModel's own
+    V×d output layer is never allocated.
     """
 
-    head_name = "this output layer"
+    mtp_loss_from_logits = False
 
     def __init__(self, config: TransformerConfig, transformer_layer_spec, vocab_size: int,
                  max_sequence_length: int, **kwargs):
-        if kwargs.pop("share_embeddings_and_output_weights", False):
-            raise ValueError(f"{type(self).__name__} cannot tie embeddings and output weights")
-        if config.mtp_num_layers:
-            raise ValueError(f"multi-token prediction heads are not supported with {self.head_name}")
-        with _without_dense_output_layer():
+        self.check_loss_head_options(type(self).__name__, self.head_name, config,
+                                     kwargs.pop("share_embeddings_and_output_weights", False))
+        with without_dense_output_layer(gpt_module):
             super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length,
                              share_embeddings_and_output_weights=False, **kwargs)
-
-    def head_device(self):
-        return torch.device("cpu") if self.config.use_cpu_initialization else torch.cuda.current_device()
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, **kwargs):
         if labels is not None and self.post_process and kwargs.get("output_processor") is None:
             kwargs["output_processor"] = self._head_language_model_loss
-        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                               labels=labels, **kwargs)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """dist_checkpointing state: skip LanguageModule's output-weight handling (it indexes
-        `output_layer.weight`, which these heads do not have; they are never tied, MTP is rejected);
-        the head's own sharded_state_dict handles any vocab padding itself."""
-        from megatron.core.transformer.module import MegatronModule
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
-        state = MegatronModule.sharded_state_dict(self, prefix, sharded_offsets,
-                                                  ensure_metadata_has_dp_cp_group(metadata))
-        state.pop(f"{prefix}output_layer._extra_state", None)
-        return state
+        collapsed_mtp = self.mtp_process and self.post_process and not self.mtp_loss_from_logits
+        with mtp_through_head_loss(gpt_module, self.head_loss) if collapsed_mtp else contextlib.nullcontext():
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                   labels=labels, **kwargs)
 
     def _head_language_model_loss(self, *, hidden_states, labels, **_unused):
-        """Megatron's compute_language_model_loss contract: labels [b, s] -> per-token loss [b, s]."""
-        loss = self.output_layer.loss(hidden_states, labels.transpose(0, 1).contiguous())
-        return loss.transpose(0, 1).contiguous()
+        return self.head_loss(hidden_states, labels)
 
 
 class VQGPTModel(LossHeadGPTModel):
@@ -122,12 +72,8 @@ class VQGPTModel(LossHeadGPTModel):
                  embeddings=None, init_from_data: bool = True, **kwargs):
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         if self.post_process:
-            self.output_layer = VQOutputLayer(
-                vq_config, padded_vocab_size=vocab_size, tp_group=self.pg_collection.tp,
-                sequence_parallel=config.sequence_parallel, gather_output=not self.parallel_output,
-                params_dtype=config.params_dtype, device=self.head_device(), token_counts=token_counts,
-                embeddings=embeddings, init_from_data=init_from_data)
-            self.output_layer.codebook.is_embedding_or_output_parameter = True
+            self.build_vq_head(vq_config, vocab_size, token_counts=token_counts, embeddings=embeddings,
+                               init_from_data=init_from_data)
 
 
 class AdaptiveGPTModel(LossHeadGPTModel):
@@ -151,9 +97,10 @@ class AdaptiveGPTModel(LossHeadGPTModel):
 def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                     sequence_parallel: bool = False, params_dtype=torch.float32, pre_process: bool = True,
                     post_process: bool = True, token_counts=None, embeddings=None,
-                    weights_from_checkpoint: bool = False, init_seed: int | None = None) -> GPTModel:
-    """Build the GPT body (model.layer_spec: megatron-core's local modules, with a sequence-parallel norm
-    when SP is on, or Transformer Engine's) and the head named by output_layer.
+                    weights_from_checkpoint: bool = False, init_seed: int | None = None):
+    """Build the GPT body as model.backbone says (megatron-core's GPTModel, or HybridModel with a GPT layer
+    pattern; model.layer_spec: megatron-core's local modules, with a sequence-parallel norm when SP is on, or
+    Transformer Engine's) and the head named by output_layer.
 
     weights_from_checkpoint: every weight (the VQ map included) is about to be loaded, so the head skips
     its data-dependent initialisation (token counts, k-means of embedding files) and needs no data.
@@ -163,28 +110,54 @@ def build_gpt_model(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipelin
     """
     config = model_cfg.transformer_config(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                           sequence_parallel=sequence_parallel, params_dtype=params_dtype)
-    layer_spec = gpt_layer_spec(config, model_cfg.layer_spec)
-    if init_seed is not None:
-        layer_spec = seeded_layer_spec(layer_spec, init_seed)
     common = dict(
-        config=config, transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by,
                                      tensor_parallel),
         max_sequence_length=model_cfg.seq_length, pre_process=pre_process, post_process=post_process,
         position_embedding_type=model_cfg.position_embedding_type)
-    with seeded_gpt_components(init_seed) if init_seed is not None else contextlib.nullcontext():
-        return _build_head_model(model_cfg, common, token_counts, embeddings, weights_from_checkpoint)
+    head = dict(token_counts=token_counts, embeddings=embeddings, init_from_data=not weights_from_checkpoint)
+    use_te = resolve_layer_spec(model_cfg.layer_spec) == "transformer_engine"
+    if model_cfg.backbone == "hybrid":
+        return _build_hybrid_model(model_cfg, config, common, head, use_te, init_seed)
+    layer_spec = gpt_layer_spec(config, model_cfg.layer_spec)
+    if model_cfg.mtp_num_layers:   # from the plain spec: megatron accepts only TransformerLayer itself there
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        common["mtp_block_spec"] = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te)
+    if init_seed is not None:
+        layer_spec = seeded_layer_spec(layer_spec, init_seed)
+    with seeded_embedding(gpt_module, init_seed) if init_seed is not None else contextlib.nullcontext():
+        return _build_gpt_head_model(model_cfg, dict(config=config, transformer_layer_spec=layer_spec, **common),
+                                     head)
 
 
-def _build_head_model(model_cfg: ModelConfig, common: dict, token_counts, embeddings,
-                      weights_from_checkpoint: bool) -> GPTModel:
+def _build_gpt_head_model(model_cfg: ModelConfig, common: dict, head: dict) -> GPTModel:
     if model_cfg.output_layer == "dense":
         return GPTModel(share_embeddings_and_output_weights=model_cfg.tie_embeddings, **common)
     if model_cfg.output_layer == "adaptive":
         return AdaptiveGPTModel(real_vocab_size=model_cfg.vocab_size, cutoffs=model_cfg.adaptive_cutoffs or None,
-                                div_value=model_cfg.adaptive_div_value, token_counts=token_counts, **common)
-    return VQGPTModel(vq_config=model_cfg.vq_config(), token_counts=token_counts, embeddings=embeddings,
-                      init_from_data=not weights_from_checkpoint, **common)
+                                div_value=model_cfg.adaptive_div_value, token_counts=head["token_counts"],
+                                **common)
+    return VQGPTModel(vq_config=model_cfg.vq_config(), **head, **common)
+
+
+def _build_hybrid_model(model_cfg: ModelConfig, config, common: dict, head: dict, use_te: bool, init_seed):
+    import megatron.core.models.hybrid.hybrid_model as hybrid_module
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from vq_megatron.models.hybrid import (VQHybridModel, hybrid_layer_pattern, hybrid_stack_spec,
+                                           seeded_hybrid_stack_spec, torch_final_norm_without_te)
+
+    spec = hybrid_stack_spec(config, use_te)
+    if init_seed is not None:
+        spec = seeded_hybrid_stack_spec(spec, init_seed)
+    common = dict(config=config, hybrid_stack_spec=spec, hybrid_layer_pattern=hybrid_layer_pattern(
+        model_cfg.num_layers), **common)
+    with seeded_embedding(hybrid_module, init_seed) if init_seed is not None else contextlib.nullcontext():
+        if model_cfg.output_layer == "dense":
+            with torch_final_norm_without_te():
+                return HybridModel(share_embeddings_and_output_weights=model_cfg.tie_embeddings, **common)
+        return VQHybridModel(vq_config=model_cfg.vq_config(), **head, **common)
 
 
 def head_parameter_count(model: torch.nn.Module) -> int:

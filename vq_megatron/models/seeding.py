@@ -19,7 +19,7 @@ import hashlib
 
 import torch
 
-__all__ = ["component_seed", "seeded_init", "seeded_layer_spec", "seeded_gpt_components"]
+__all__ = ["component_seed", "seeded_init", "seeded_layer_spec", "seeded_embedding"]
 
 
 def component_seed(seed: int, component: str, index: int = 0) -> int:
@@ -68,7 +68,8 @@ def _seeded_class(cls: type) -> type:
     class Seeded(cls):
         def __init__(self, config, *args, init_seed: int, layer_number: int = 1, **kwargs):
             number = _global_layer_number(config, layer_number, kwargs)
-            with seeded_init(component_seed(init_seed, "layer", number)):
+            component = "mtp_layer" if kwargs.get("is_mtp_layer") else "layer"   # MTP layers number from 1 too
+            with seeded_init(component_seed(init_seed, component, number)):
                 super().__init__(config, *args, layer_number=layer_number, **kwargs)
 
     Seeded.__name__, Seeded.__qualname__ = cls.__name__, cls.__qualname__
@@ -94,15 +95,14 @@ def _seeded_module(cls: type, seed: int) -> type:
 
 
 @contextlib.contextmanager
-def seeded_gpt_components(seed: int):
-    """While GPTModels are built, the embedding draws from a stream of its own. With the layers seeded too,
-    nothing advances the default stream during the build, so what draws from it (the output layer, built
-    last) draws the same at every layout: on the last stage as after a PP=1 build's embedding and layers."""
-    import megatron.core.models.gpt.gpt_model as gpt_module
-
-    real = gpt_module.LanguageModelEmbedding
-    gpt_module.LanguageModelEmbedding = _seeded_module(real, component_seed(seed, "embedding"))
+def seeded_embedding(model_module, seed: int):
+    """While a model of `model_module` (megatron's gpt_model or hybrid_model module) is built, its embedding
+    draws from a stream of its own. With the layers seeded too, nothing advances the default stream during
+    the build, so what draws from it (the output layer, built last) draws the same at every layout: on the
+    last stage as after a PP=1 build's embedding and layers."""
+    real = model_module.LanguageModelEmbedding
+    model_module.LanguageModelEmbedding = _seeded_module(real, component_seed(seed, "embedding"))
     try:
         yield
     finally:
-        gpt_module.LanguageModelEmbedding = real
+        model_module.LanguageModelEmbedding = real

@@ -156,6 +156,10 @@ class RunConfig:
                 "model.vq.recluster_interval=0, or re-cluster in a pipeline_parallel=1 run"),
             "model.init_from": (bool(self.model.init_from), "two-stage loading maps a dense run's weights onto a "
                                 "single-stage model; run the VQ stage with pipeline_parallel=1, or convert first"),
+            "model.mtp_num_layers > 0": (bool(self.model.mtp_num_layers), "the MTP layers need the embedding on "
+                                         "the last stage; train MTP with pipeline_parallel=1"),
+            "model.backbone=hybrid": (self.model.backbone == "hybrid", "the pipeline driver is built and tested "
+                                      "with GPTModel stages; use model.backbone=gpt"),
         }
         for what, (bad, why) in refused.items():
             if bad:

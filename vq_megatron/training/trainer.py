@@ -130,6 +130,22 @@ def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
     return ds
 
 
+def _mtp_losses(depths: int, micro_batches: int) -> dict:
+    """The step's loss of every MTP depth (megatron's tracker, summed over the micro-batches), averaged over
+    data parallel; the tracker is cleared for the next step."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    values = MTPLossLoggingHelper.tracker.get("loss_values")
+    if not depths or values is None:
+        return {}
+    values = values.detach().clone() / micro_batches
+    dist.all_reduce(values, group=ps.get_data_parallel_group())
+    values /= ps.get_data_parallel_world_size()
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    return {f"mtp_{depth + 1}_loss": float(v) for depth, v in enumerate(values)}
+
+
 def _head_parameters(model, device) -> int:
     """head_parameter_count of the whole model: the output layer lives on the last pipeline stage only."""
     from megatron.core import parallel_state as ps
@@ -180,13 +196,18 @@ def _zero_gradient_loss(engine) -> torch.Tensor:
 
 
 def _forward_loss(engine, batch: Batch, mask) -> torch.Tensor:
-    per_token = engine(batch.tokens, batch.position_ids, mask, labels=batch.labels)
+    per_token = engine(batch.tokens, batch.position_ids, mask, labels=batch.labels, loss_mask=batch.loss_mask)
     return (per_token.float() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
 
 
 def _accumulated_step(engine, batches: list[Batch], mask, guard: _NonFiniteGuard, step: int) -> torch.Tensor:
     """One optimizer step as DeepSpeed's gradient accumulation: forward, backward and engine.step() per
     micro-batch (the engine steps the optimizer at the last). Returns the mean micro-batch loss."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    # MTP losses reach the backward through MTPLossAutoScaler, outside the loss DeepSpeed divides by the
+    # number of accumulated micro-batches: give them the same 1/GA (megatron's schedules do this too).
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(batches), device=mask.device))
     step_loss = torch.zeros((), device=mask.device)
     for micro, batch in enumerate(batches):
         loss = _forward_loss(engine, batch, mask)
@@ -306,7 +327,7 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
     mask = causal_mask(cfg.model.seq_length, device)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     progress = _progress(start_step, t.steps)
-    losses, grad_norms, step_times = {}, {}, []
+    losses, grad_norms, step_times, mtp_history = {}, {}, [], {}
     guard = _NonFiniteGuard(t.nan_policy, t.max_skipped_microbatches)
     step = start_step
     stop_at = min(t.steps, start_step + exit_after_steps) if exit_after_steps else t.steps
@@ -326,12 +347,15 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
         step_times.append(time.perf_counter() - began)
         losses[step] = float(step_loss)
         grad_norms[step] = _global_grad_norm(engine)
+        mtp_losses = _mtp_losses(cfg.model.mtp_num_layers, ga)
+        for name, value in mtp_losses.items():
+            mtp_history.setdefault(name, []).append(value)
         progress.update(1, losses[step])
         if t.log_interval and (step % t.log_interval == 0 or step == t.steps):
             logger.log(step, "train", {"loss": losses[step], "lr": engine.get_lr()[0],
                                        "grad_norm": grad_norms[step],
                                        "tokens_per_s": tokens_per_step / step_times[-1],
-                                       "skipped_microbatches": guard.total})
+                                       "skipped_microbatches": guard.total, **mtp_losses})
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
             logger.log(step, "eval", evaluate(engine, cfg, device, cfg.data.interval_eval_tokens))
         if (t.save_interval and step % t.save_interval == 0) or step == stop_at:
@@ -344,6 +368,8 @@ def train(cfg: RunConfig, *, exit_after_steps: int = 0) -> dict:
                "skipped_microbatches": guard.total,
                "steps_run": sorted(losses), "train_losses": [losses[s] for s in sorted(losses)],
                "grad_norms": [grad_norms[s] for s in sorted(grad_norms)], "final_step": step}
+    if mtp_history:   # per step, like train_losses
+        summary["mtp_losses"] = mtp_history
     if step_times:
         steady = step_times[2:] or step_times
         summary["tokens_per_s"] = tokens_per_step * len(steady) / sum(steady)

@@ -7,14 +7,15 @@ import torch
 
 from vq_megatron.inference.decoding import KVCacheDecoder, generate_batch
 from vq_megatron.layers import VQOutputLayer
+from vq_megatron.models.hybrid import final_hidden_states
 
 
-def tiny_model(head: str, **vq):
+def tiny_model(head: str, backbone: str = "gpt", **vq):
     from vq_megatron.models import ModelConfig, build_gpt_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=200,
-                      make_vocab_size_divisible_by=8, output_layer=head,
+                      make_vocab_size_divisible_by=8, output_layer=head, backbone=backbone,
                       vq={"codebook_size": 16, "per_token_bias": True, **vq})
     return build_gpt_model(cfg).eval()
 
@@ -25,8 +26,7 @@ def greedy_by_recompute(model, prompts, new_tokens):
     for _ in range(new_tokens):
         s = ids.shape[1]
         mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), 1)
-        hidden = model(ids, torch.arange(s).expand(ids.shape[0], s), mask,
-                       output_processor=lambda hidden_states, **_: hidden_states)[-1]
+        hidden = final_hidden_states(model, ids, torch.arange(s).expand(ids.shape[0], s), mask)[-1]
         if isinstance(model.output_layer, VQOutputLayer):
             token = model.output_layer.sample(hidden, greedy=True)
         else:
@@ -35,9 +35,10 @@ def greedy_by_recompute(model, prompts, new_tokens):
     return ids
 
 
-@pytest.mark.parametrize("head,vq", [("dense", {}), ("vq", {}), ("vq", {"refine_rank": 3})])
-def test_cached_greedy_decoding_equals_recomputing_the_window(parallel, head, vq):
-    model = tiny_model(head, **vq)
+@pytest.mark.parametrize("head,vq,backbone", [("dense", {}, "gpt"), ("vq", {}, "gpt"), ("vq", {"refine_rank": 3}, "gpt"),
+                                              ("dense", {}, "hybrid"), ("vq", {"refine_rank": 3}, "hybrid")])
+def test_cached_greedy_decoding_equals_recomputing_the_window(parallel, head, vq, backbone):
+    model = tiny_model(head, backbone, **vq)
     prompts = torch.randint(0, 200, (3, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cached = generate_batch(model, prompts, max_new_tokens=8, seq_length=16, vocab_size=200, greedy=True)

@@ -370,9 +370,22 @@ def test_model_provider_layer_errors_name_the_flags(parallel, tmp_path):
     assert_names_flags(exc.value, ["--vq-codebook-init kmeans", "--hidden-size 32"])
 
 
+def test_mtp_num_layers_builds_the_mtp_block_with_a_vq_head(parallel):
+    """--mtp-num-layers as Megatron-LM's gpt_builder builds it; the VQ loss runs every depth collapsed."""
+    model = model_provider(args=model_args("--output-layer-type", "vq", "--vq-codebook-size", "16",
+                                           mtp_num_layers=1, mtp_loss_scaling_factor=0.1))
+    assert model.mtp_process and len(model.mtp.layers) == 1
+    tokens = torch.randint(0, 200, (2, 8))
+    positions = torch.arange(8).expand(2, 8)
+    mask = torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), 1)
+    loss = model(tokens, positions, mask, labels=torch.randint(0, 200, (2, 8)))
+    loss.mean().backward()
+    assert loss.shape == (2, 8) and float(model.mtp.layers[0].eh_proj.weight.grad.abs().sum()) > 0
+
+
 def test_unsupported_options_are_refused():
-    with pytest.raises(ValueError, match="--mtp-num-layers"):
-        model_provider(args=model_args("--output-layer-type", "vq", mtp_num_layers=1))
+    with pytest.raises(ValueError, match="--use-legacy-models"):
+        model_provider(args=model_args("--output-layer-type", "vq", use_legacy_models=True))
     with pytest.raises(ValueError, match="--output-layer-type"):
         model_provider(args=model_args(output_layer_type="sparse"))
 

@@ -43,6 +43,7 @@ def test_bad_config_gives_a_clear_error(override, match):
                                    "nan_policy=stop"),
     (["model.vq.recluster_interval=10"], "recluster_interval > 0 is not supported with"),
     (["model.init_from=runs/dense"], "model.init_from is not supported with parallel.pipeline_parallel=2"),
+    (["model.mtp_num_layers=1"], "mtp_num_layers > 0 is not supported with parallel.pipeline_parallel=2"),
 ])
 def test_what_the_pipeline_driver_cannot_do_is_refused_up_front(overrides, match):
     load_run_config("configs/c4_small.yaml", ["parallel.pipeline_parallel=2"])   # the plain case is fine

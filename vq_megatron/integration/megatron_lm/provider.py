@@ -101,6 +101,7 @@ def transformer_config_from_args(args):
     kwargs.setdefault("bf16", params_dtype == torch.bfloat16)
     kwargs.setdefault("fp16", params_dtype == torch.float16)
     kwargs.setdefault("use_cpu_initialization", not torch.cuda.is_available())
+    kwargs.setdefault("cuda_graph_modules", [])   # megatron's default "full" warns that it is deprecated
     if getattr(args, "num_experts", None) is not None:
         kwargs["num_moe_experts"] = args.num_experts
     if getattr(args, "swiglu", False):
@@ -123,6 +124,26 @@ def _have_te() -> bool:
     return bool(HAVE_TE)
 
 
+def _use_transformer_engine(args) -> bool:
+    use_te = getattr(args, "transformer_impl", "local") == "transformer_engine"
+    if use_te and not _have_te():
+        warnings.warn("--transformer-impl transformer_engine but Transformer Engine is not installed: "
+                      "using megatron-core's local layer spec", stacklevel=4)
+        use_te = False
+    return use_te
+
+
+def _mtp_block_spec(args, config, layer_spec, vp_stage):
+    """Megatron-LM gpt_builder's MTP block (--mtp-num-layers); with a VQ head every depth's loss is the
+    collapsed one (vq_megatron/models/mtp.py)."""
+    if not getattr(args, "mtp_num_layers", None):
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    return get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=_use_transformer_engine(args),
+                                  vp_stage=vp_stage)
+
+
 def _layer_spec(args, config, vp_stage):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec, get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec,
@@ -132,11 +153,7 @@ def _layer_spec(args, config, vp_stage):
         from megatron.core.transformer.spec_utils import import_module
 
         return import_module(args.spec)
-    use_te = getattr(args, "transformer_impl", "local") == "transformer_engine"
-    if use_te and not _have_te():
-        warnings.warn("--transformer-impl transformer_engine but Transformer Engine is not installed: "
-                      "using megatron-core's local layer spec", stacklevel=3)
-        use_te = False
+    use_te = _use_transformer_engine(args)
     normalization = getattr(args, "normalization", None)
     if getattr(args, "num_experts", None):
         return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=normalization,
@@ -153,7 +170,6 @@ def _layer_spec(args, config, vp_stage):
 def _check_supported(args) -> None:
     unsupported = {
         "use_legacy_models": "--use-legacy-models",
-        "mtp_num_layers": "--mtp-num-layers",
         "heterogeneous_layers_config_path": "--heterogeneous-layers-config-path",
         "experimental_attention_variant": "--experimental-attention-variant",
         "yaml_cfg": "--yaml-cfg",
@@ -209,8 +225,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     max_seq = getattr(args, "max_position_embeddings", None) or getattr(args, "seq_length", None)
     if max_seq is None:
         raise ValueError("set --max-position-embeddings or --seq-length")
+    layer_spec = _layer_spec(args, config, vp_stage)
     kwargs = dict(
-        config=config, transformer_layer_spec=_layer_spec(args, config, vp_stage), vocab_size=padded,
+        config=config, transformer_layer_spec=layer_spec, vocab_size=padded,
+        mtp_block_spec=_mtp_block_spec(args, config, layer_spec, vp_stage),
         max_sequence_length=max_seq, pre_process=pre_process, post_process=post_process,
         fp16_lm_cross_entropy=getattr(args, "fp16_lm_cross_entropy", False), parallel_output=True,
         position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
