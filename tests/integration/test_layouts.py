@@ -59,6 +59,7 @@ def test_layouts_agree_under_zero1(runs, head):
 @pytest.mark.parametrize("layout,head,zero,sp", [
     ("pp2_dp1", "dense", 1, False), ("pp2_dp1", "vq", 1, False), ("pp2_dp1", "vq_refined", 1, False),
     ("pp2_tp2", "dense", 1, False), ("pp2_tp2", "vq_refined", 1, False), ("pp2_dp2", "vq", 2, False),
+    ("pp2_dp1", "vq", 2, False),   # ZeRO-2 with 2 micro-batches: 1F1B's F F B B on the first stage
     ("pp2_tp2", "vq_refined", 1, True)])
 def test_pipeline_parallel_equals_the_single_process_run(runs, layout, head, zero, sp):
     """megatron's 1F1B schedule under DeepSpeed (ZeRO-1/2), the VQ head on the last stage: the same

@@ -22,16 +22,37 @@ from vq_megatron.training.data import Batch, causal_mask
 __all__ = ["pipeline_train_step", "pipeline_windows_nll"]
 
 
+class _BeforeBackward(torch.autograd.Function):
+    """Identity whose backward first calls `hook` (it runs before any hook on the input tensor fires)."""
+
+    @staticmethod
+    def forward(ctx, tensor, hook):
+        ctx.hook = hook
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.hook()
+        return grad, None
+
+
 class _EngineForSchedule:
     """What the schedule gets as its model: calls go through the DeepSpeed engine (which registers its
     backward hooks on the outputs); attributes the schedule looks up (config, set_input_tensor) come from the
-    megatron module through `.module`, never from the engine (whose `config` is DeepSpeed's JSON)."""
+    megatron module through `.module`, never from the engine (whose `config` is DeepSpeed's JSON).
+
+    DeepSpeed's ZeRO optimizer resets its per-backward state (the queued post-backward callback that runs the
+    gradient epilogue) in the engine's forward, assuming forward and backward alternate. 1F1B runs several
+    forwards before the first backward on every stage but the last (F F B B); the second backward would then
+    find the callback "already queued" and skip its epilogue, losing those gradients under ZeRO-2. So the
+    reset the next forward would do runs before every backward instead (clear_backward_seen_flag, exactly what
+    DeepSpeed's forward calls)."""
 
     def __init__(self, engine):
         self.engine, self.module = engine, engine.module
 
     def __call__(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
+        return _BeforeBackward.apply(self.engine(*args, **kwargs), self.engine.optimizer.clear_backward_seen_flag)
 
 
 def _mean_loss(loss_mask: torch.Tensor, per_token: torch.Tensor):
