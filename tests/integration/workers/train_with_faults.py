@@ -21,22 +21,27 @@ from vq_megatron.training import trainer
 
 def install_faults(faults) -> None:
     forward_loss, train_batch = trainer._forward_loss, trainer.train_batch
-    calls = {"micro": 0}
+    # The driver builds all micro-batches of a step before the first forward: the forwards that follow
+    # are that step's micro-batches 0, 1, ... in order.
+    calls = {"step": -1, "forwards": 0}
     bad = torch.tensor(float(faults.fault_value))
 
     def faulty_train_batch(*args, **kwargs):
         if faults.fault_sleep_per_step:
             time.sleep(faults.fault_sleep_per_step)
-        calls["step"], calls["micro"] = kwargs["step"], kwargs["micro"]
+        step, micro = kwargs["step"], kwargs["micro"]
         batch = train_batch(*args, **kwargs)
-        if calls["step"] == faults.fault_mask_at_step - 1 and calls["micro"] == 0:
+        if step == faults.fault_mask_at_step - 1 and micro == 0:
             batch.loss_mask.zero_()
+        if micro == 0:
+            calls["step"], calls["forwards"] = step, 0
         return batch
 
     def faulty_forward_loss(engine, batch, mask):
         loss = forward_loss(engine, batch, mask)
-        step = calls.get("step")
-        if (step == faults.fault_nan_at_step - 1 and calls["micro"] == 0) or \
+        step, micro = calls["step"], calls["forwards"]
+        calls["forwards"] += 1
+        if (step == faults.fault_nan_at_step - 1 and micro == 0) or \
                 (faults.fault_from_step and step >= faults.fault_from_step - 1):
             return loss * bad
         return loss
