@@ -231,6 +231,38 @@ def _seed_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def loss_gap_rows(rows: list[dict], runs: list[str], steps: list[int], window: int = 50) -> list[dict]:
+    """Training-loss gap (nats) of each run against its baseline at the given steps, both curves averaged
+    over the `window` steps up to there: how the gap moves with training. A run repeated over seeds is
+    compared as the mean curve of its seeds against its baseline's mean curve."""
+    def curve(name):
+        members = [r for r in rows if r["entry"] == name]
+        if not members:
+            return None, 0
+        losses = [r["train_losses"] for r in members]
+        length = min(len(c) for c in losses)
+        return [sum(c[i] for c in losses) / len(losses) for i in range(length)], members[0]["step_offset"]
+
+    def at(values, offset, step):
+        i = step - offset                  # the loss of step s is values[s - offset - 1]
+        window_values = values[max(0, i - window):i]
+        return sum(window_values) / len(window_values) if 0 < i <= len(values) else None
+
+    out = []
+    for name in runs:
+        mine, offset = curve(name)
+        entry = next((r for r in rows if r["entry"] == name), None)
+        base, base_offset = curve(entry["baseline"]) if entry else (None, 0)
+        if mine is None or base is None:
+            continue
+        row = {"run": name, "baseline": entry["baseline"], "n": sum(r["entry"] == name for r in rows)}
+        for step in steps:
+            a, b = at(mine, offset, step), at(base, base_offset, step)
+            row[f"gap_{step}"] = None if a is None or b is None else f"{a - b:+.3f}"
+        out.append(row)
+    return out
+
+
 def markdown(grid: Grid, rows: list[dict]) -> str:
     lines = [f"# {grid.name}", "", grid.description.strip(), "",
              "`%` columns: perplexity relative to the row named in `vs`. *tokens/s of grid runs share the "
@@ -244,6 +276,13 @@ def markdown(grid: Grid, rows: list[dict]) -> str:
     seeds = _seed_rows(rows)
     if seeds:
         lines += ["## seeds (mean ± sample std)", ""] + _table(SEED_COLUMNS, seeds)
+    gap = grid.plots.get("loss_gap")
+    if gap:
+        columns = ([("run", "run"), ("n", "seeds"), ("baseline", "vs")]
+                   + [(f"gap_{s}", f"step {s:,}") for s in gap["steps"]])
+        lines += [f"## training-loss gap vs steps (nats, run − baseline, mean of the {gap.get('window', 50)} steps "
+                  "up to each; negative = lower loss than the baseline)", ""]
+        lines += _table(columns, loss_gap_rows(rows, gap["runs"], gap["steps"], gap.get("window", 50)))
     repeated = [r for r in rows if "repeats" in r]
     if repeated:
         lines += ["## repeats (median tokens/s of the round-robin repeats, every value, ratio to the baseline)",

@@ -180,3 +180,26 @@ def test_plots(grid):
     grid.results.parent.mkdir(parents=True)
     written = report.plots(grid, report.collect(grid))
     assert sorted(p.name for p in written) == ["fake_loss_heads.png", "fake_ppl_vs_K.png"]
+
+
+def test_loss_gap_rows_average_seeds_and_windows():
+    def row(run, entry, losses, baseline="dense", offset=0):
+        return {"run": run, "entry": entry, "baseline": baseline, "train_losses": losses, "step_offset": offset}
+
+    rows = [row("dense", "dense", [5.0, 4.0, 3.0, 2.0]), row("dense_seed2", "dense", [7.0, 6.0, 5.0, 4.0]),
+            row("vq", "vq", [4.0, 4.0, 4.0, 4.0]),
+            row("late", "late", [1.0, 1.0], offset=2)]           # a second stage: its losses are steps 3-4
+    gaps = {r["run"]: r for r in report.loss_gap_rows(rows, ["vq", "late", "missing"], [1, 2, 4], window=2)}
+    assert set(gaps) == {"vq", "late"}
+    # dense mean curve: 6, 5, 4, 3; windows of 2 up to steps 1, 2, 4: 6, 5.5, 3.5
+    assert (gaps["vq"]["n"], gaps["vq"]["gap_1"], gaps["vq"]["gap_2"], gaps["vq"]["gap_4"]) == (1, "-2.000", "-1.500",
+                                                                                             "+0.500")
+    assert gaps["late"]["gap_1"] is None and gaps["late"]["gap_4"] == "-2.500"
+
+
+def test_loss_gap_table_in_the_markdown(grid):
+    grid.plots["loss_gap"] = {"runs": ["vq"], "steps": [10, 20], "window": 5}
+    table = report.markdown(grid, report.collect(grid))
+    section = table.split("## training-loss gap vs steps")[1].strip().splitlines()
+    assert section[2] == "| run | seeds | vs | step 10 | step 20 |"
+    assert section[4] == "| vq | 3 | dense | +0.000 | +0.000 |"     # the fake runs share one loss curve
