@@ -35,6 +35,10 @@ def head_label(config: dict) -> str:
     if model["output_layer"] != "vq":
         return model["output_layer"]
     vq = model["vq"]
+    if vq.get("codebook_size") == model["vocab_size"] and vq.get("map_init") == "contiguous" \
+            and vq.get("per_token_bias") and not vq.get("refine_rank"):
+        # K = V with the identity map: exactly a dense V x d head plus a per-token bias
+        return "dense + bias" + (" bias0" if vq.get("bias_init", "zeros") == "zeros" else "")
     label = f"VQ K={vq.get('codebook_size')} {vq.get('map_init')}"
     if not vq.get("per_token_bias"):
         label += " no bias"

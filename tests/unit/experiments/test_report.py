@@ -203,3 +203,18 @@ def test_loss_gap_table_in_the_markdown(grid):
     section = table.split("## training-loss gap vs steps")[1].strip().splitlines()
     assert section[2] == "| run | seeds | vs | step 10 | step 20 |"
     assert section[4] == "| vq | 3 | dense | +0.000 | +0.000 |"     # the fake runs share one loss curve
+
+
+def test_head_labels_name_the_identity_map_dense_plus_bias():
+    def config(output_layer="vq", **vq):
+        return {"model": {"output_layer": output_layer, "vocab_size": 8000,
+                          "vq": {"codebook_size": 512, "map_init": "frequency", "per_token_bias": True,
+                                 "bias_init": "unigram", "refine_rank": 0, **vq}}}
+
+    assert report.head_label(config("dense")) == "dense"
+    assert report.head_label(config()) == "VQ K=512 frequency"
+    assert report.head_label(config(refine_rank=8)) == "VQ K=512 frequency r=8"
+    assert report.head_label(config(codebook_size=8000, map_init="contiguous")) == "dense + bias"
+    assert report.head_label(config(codebook_size=8000, map_init="contiguous", bias_init="zeros")) == \
+        "dense + bias bias0"
+    assert report.head_label(config(codebook_size=8000, map_init="frequency")) == "VQ K=8000 frequency"
