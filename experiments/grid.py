@@ -167,7 +167,7 @@ def _plot_refs(plots: dict) -> list[str]:
     """Every row name the plots refer to."""
     names = [n for runs in (plots.get("loss_curves") or {}).values() for n in runs]
     names += (plots.get("pareto") or {}).get("runs", [])
-    names += (plots.get("loss_gap") or {}).get("runs", [])
+    names += (plots.get("loss_gap") or {}).get("runs", []) + (plots.get("loss_gap") or {}).get("also_vs", [])
     by_k = plots.get("ppl_vs_K") or {}
     names += [n for runs in (by_k.get("series") or {}).values() for n in runs]
     names += [by_k["reference"]] if "reference" in by_k else []

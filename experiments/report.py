@@ -235,10 +235,11 @@ def _seed_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def loss_gap_rows(rows: list[dict], runs: list[str], steps: list[int], window: int = 50) -> list[dict]:
-    """Training-loss gap (nats) of each run against its baseline at the given steps, both curves averaged
-    over the `window` steps up to there: how the gap moves with training. A run repeated over seeds is
-    compared as the mean curve of its seeds against its baseline's mean curve."""
+def loss_gap_rows(rows: list[dict], runs: list[str], steps: list[int], window: int = 50,
+                  versus: str | None = None) -> list[dict]:
+    """Training-loss gap (nats) of each run against its baseline (or `versus`) at the given steps, both
+    curves averaged over the `window` steps up to there: how the gap moves with training. A run repeated
+    over seeds is compared as the mean curve of its seeds against its baseline's mean curve."""
     def curve(name):
         members = [r for r in rows if r["entry"] == name]
         if not members:
@@ -256,10 +257,11 @@ def loss_gap_rows(rows: list[dict], runs: list[str], steps: list[int], window: i
     for name in runs:
         mine, offset = curve(name)
         entry = next((r for r in rows if r["entry"] == name), None)
-        base, base_offset = curve(entry["baseline"]) if entry else (None, 0)
-        if mine is None or base is None:
+        against = versus or (entry["baseline"] if entry else None)
+        base, base_offset = curve(against) if against else (None, 0)
+        if mine is None or base is None or name == against:
             continue
-        row = {"run": name, "baseline": entry["baseline"], "n": sum(r["entry"] == name for r in rows)}
+        row = {"run": name, "baseline": against, "n": sum(r["entry"] == name for r in rows)}
         for step in steps:
             a, b = at(mine, offset, step), at(base, base_offset, step)
             row[f"gap_{step}"] = None if a is None or b is None else f"{a - b:+.3f}"
@@ -286,7 +288,8 @@ def markdown(grid: Grid, rows: list[dict]) -> str:
                    + [(f"gap_{s}", f"step {s:,}") for s in gap["steps"]])
         lines += [f"## training-loss gap vs steps (nats, run − baseline, mean of the {gap.get('window', 50)} steps "
                   "up to each; negative = lower loss than the baseline)", ""]
-        lines += _table(columns, loss_gap_rows(rows, gap["runs"], gap["steps"], gap.get("window", 50)))
+        for versus in [None, *gap.get("also_vs", [])]:
+            lines += _table(columns, loss_gap_rows(rows, gap["runs"], gap["steps"], gap.get("window", 50), versus))
     repeated = [r for r in rows if "repeats" in r]
     if repeated:
         lines += ["## repeats (median tokens/s of the round-robin repeats, every value, ratio to the baseline)",

@@ -218,3 +218,10 @@ def test_head_labels_name_the_identity_map_dense_plus_bias():
     assert report.head_label(config(codebook_size=8000, map_init="contiguous", bias_init="zeros")) == \
         "dense + bias bias0"
     assert report.head_label(config(codebook_size=8000, map_init="frequency")) == "VQ K=8000 frequency"
+
+
+def test_loss_gap_against_another_reference():
+    rows = [{"run": n, "entry": n, "baseline": "dense", "train_losses": c, "step_offset": 0}
+            for n, c in (("dense", [5.0, 5.0]), ("dense_bias", [3.0, 3.0]), ("vq", [4.0, 4.0]))]
+    gaps = report.loss_gap_rows(rows, ["vq", "dense_bias"], [2], window=2, versus="dense_bias")
+    assert [(g["run"], g["baseline"], g["gap_2"]) for g in gaps] == [("vq", "dense_bias", "+1.000")]
