@@ -48,6 +48,9 @@ declare -A HEADS=([dense]="model.output_layer=dense"
                   [vq_refined]="model.output_layer=vq model.vq.refine_rank=${REFINE_RANK:-8}")
 read -r -a RUNS <<< "${MAIN_RUNS:-dense dense_bias vq_logits vq_refined}"
 for RUN in "${RUNS[@]}"; do
+  [[ -n "${HEADS[$RUN]:-}" ]] || { echo "[main] MAIN_RUNS: unknown run '$RUN' (known: ${!HEADS[*]})" >&2; exit 2; }
+done
+for RUN in "${RUNS[@]}"; do
   [[ "${RESUME:-0}" == 1 ]] || rm -rf "${OUT:?}/$RUN"
   HEAD_SETS=()
   for s in ${HEADS[$RUN]}; do HEAD_SETS+=(--set "$s"); done
