@@ -289,7 +289,8 @@ def markdown(grid: Grid, rows: list[dict]) -> str:
         lines += [f"## training-loss gap vs steps (nats, run − baseline, mean of the {gap.get('window', 50)} steps "
                   "up to each; negative = lower loss than the baseline)", ""]
         for versus in [None, *gap.get("also_vs", [])]:
-            lines += _table(columns, loss_gap_rows(rows, gap["runs"], gap["steps"], gap.get("window", 50), versus))
+            gap_rows = loss_gap_rows(rows, gap["runs"], gap["steps"], gap.get("window", 50), versus)
+            lines += _table(columns, gap_rows) if gap_rows else []      # a reference that has not run yet
     repeated = [r for r in rows if "repeats" in r]
     if repeated:
         lines += ["## repeats (median tokens/s of the round-robin repeats, every value, ratio to the baseline)",

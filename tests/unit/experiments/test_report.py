@@ -225,3 +225,9 @@ def test_loss_gap_against_another_reference():
             for n, c in (("dense", [5.0, 5.0]), ("dense_bias", [3.0, 3.0]), ("vq", [4.0, 4.0]))]
     gaps = report.loss_gap_rows(rows, ["vq", "dense_bias"], [2], window=2, versus="dense_bias")
     assert [(g["run"], g["baseline"], g["gap_2"]) for g in gaps] == [("vq", "dense_bias", "+1.000")]
+
+
+def test_loss_gap_against_a_reference_that_has_not_run_adds_no_table(grid):
+    grid.plots["loss_gap"] = {"runs": ["vq"], "steps": [10], "window": 5, "also_vs": ["never_ran"]}
+    section = report.markdown(grid, report.collect(grid)).split("## training-loss gap vs steps")[1]
+    assert section.count("| run | seeds | vs |") == 1 and "|  |" not in section
