@@ -237,7 +237,8 @@ def _seed_rows(rows: list[dict]) -> list[dict]:
 
 def loss_gap_rows(rows: list[dict], runs: list[str], steps: list[int], window: int = 50,
                   versus: str | None = None) -> list[dict]:
-    """Training-loss gap (nats) of each run against its baseline (or `versus`) at the given steps, both
+    """Training-loss gap (nats) of each run against its baseline (or `versus`, for the runs that share its
+    baseline) at the given steps, both
     curves averaged over the `window` steps up to there: how the gap moves with training. A run repeated
     over seeds is compared as the mean curve of its seeds against its baseline's mean curve."""
     def curve(name):
@@ -258,6 +259,9 @@ def loss_gap_rows(rows: list[dict], runs: list[str], steps: list[int], window: i
         mine, offset = curve(name)
         entry = next((r for r in rows if r["entry"] == name), None)
         against = versus or (entry["baseline"] if entry else None)
+        reference = next((r for r in rows if r["entry"] == versus), None) if versus else None
+        if entry and reference and reference["baseline"] != entry["baseline"]:
+            continue   # a second reference only for the runs of its own family (same baseline)
         base, base_offset = curve(against) if against else (None, 0)
         if mine is None or base is None or name == against:
             continue

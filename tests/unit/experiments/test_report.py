@@ -231,3 +231,11 @@ def test_loss_gap_against_a_reference_that_has_not_run_adds_no_table(grid):
     grid.plots["loss_gap"] = {"runs": ["vq"], "steps": [10], "window": 5, "also_vs": ["never_ran"]}
     section = report.markdown(grid, report.collect(grid)).split("## training-loss gap vs steps")[1]
     assert section.count("| run | seeds | vs |") == 1 and "|  |" not in section
+
+
+def test_a_second_reference_applies_to_its_own_family_only():
+    rows = [{"run": n, "entry": n, "baseline": b, "train_losses": [4.0, 4.0], "step_offset": 0}
+            for n, b in (("dense", "dense"), ("dense_bias", "dense"), ("vq", "dense"),
+                         ("small_dense", "small_dense"), ("deep_vq", "small_dense"))]
+    gaps = report.loss_gap_rows(rows, ["vq", "deep_vq"], [2], window=2, versus="dense_bias")
+    assert [g["run"] for g in gaps] == ["vq"]
