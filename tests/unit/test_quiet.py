@@ -41,3 +41,22 @@ def test_model_configs_do_not_trigger_the_deprecated_cuda_graph_scope_warning():
     control = _stderr("from megatron.core.transformer import TransformerConfig\n"
                       "TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2)\n")
     assert "full scope is deprecated" in control                    # megatron's own default does warn
+
+
+def test_the_cuda_device_max_connections_advice_is_filtered_on_cpu():
+    """megatron's tensor-parallel linear layers advise a CUDA stream setting on every run; without CUDA the
+    filter drops exactly the two messages megatron's source contains, nothing else."""
+    import re
+    from pathlib import Path
+
+    import megatron.core.tensor_parallel.layers as layers
+    from vq_megatron.quiet import CUDA_CONNECTIONS
+
+    source = " ".join(Path(layers.__file__).read_text().split())
+    messages = [m.replace('" "', "") for m in re.findall(r'"When using [^)]*?maximum speedup"', source)]
+    assert len(messages) == 2 and all(re.match(CUDA_CONNECTIONS, m.strip('"')) for m in messages), messages
+    code = "import vq_megatron, warnings\n" + "".join(
+        f"warnings.warn({m!s})\n" for m in messages) + "warnings.warn('CUDA_DEVICE_MAX_CONNECTIONS elsewhere')\n"
+    err = _stderr(code)
+    assert "it is recommended to set" not in err and "CUDA_DEVICE_MAX_CONNECTIONS elsewhere" in err
+    assert "it is recommended to set" in _stderr(code.replace("import vq_megatron, warnings", "import warnings"))
